@@ -1,0 +1,233 @@
+"""Raw table + schema -> encoded store on disk.
+
+Vocabularies and numeric normalisers are fitted on the train split only. Index 0 is padding,
+1 is OOV (unseen in train, or seen fewer than ``min_count`` times); known values get 2.. in
+order of decreasing train frequency. The store holds, per split, one int32 matrix of all
+categorical columns, one float32 matrix of numeric columns and one of labels; sequences are
+(start, end) views into a values array: a list column's own values, or the user's timeline for
+a history, so that a sample's history is the events strictly before its time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recforge.data.schema import N_RESERVED, OOV, Kind, Schema
+from recforge.data.sources import RawDataset
+from recforge.data.splits import SPLITS, SplitConfig, assign_splits
+from recforge.data.store import Store
+
+_ID_DTYPES = (pl.String, pl.Categorical, pl.Enum, pl.Boolean)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the column and, where it helps, the row."""
+
+
+def validate(raw: RawDataset) -> None:
+    """Check that every declared column exists with a usable dtype and no missing values."""
+    frame, schema, origin = raw.frame, raw.schema, raw.origin
+    if frame.height == 0:
+        raise DataError(f"{origin}: the table is empty")
+    missing = [c for c in schema.raw_columns() if c not in frame.columns]
+    if missing:
+        raise DataError(f"{origin}: missing column(s) {missing}; the table has {frame.columns}")
+    for f in schema.features:
+        if f.timeline is not None:
+            continue
+        col = frame[f.name]
+        if f.kind is Kind.CATEGORICAL:
+            if not (col.dtype.is_integer() or isinstance(col.dtype, _ID_DTYPES) or col.dtype in _ID_DTYPES):
+                raise DataError(
+                    f"{origin}: categorical column {f.name!r} has dtype {col.dtype}; "
+                    "ids must be integers or strings (cast floats explicitly)"
+                )
+            _no_nulls(col, origin)
+        elif f.kind is Kind.NUMERIC:
+            if not col.dtype.is_numeric():
+                raise DataError(f"{origin}: numeric column {f.name!r} has dtype {col.dtype}")
+            _no_nulls(col, origin)
+            _no_nans(col, origin)
+        elif f.kind is Kind.SEQUENCE:
+            if not isinstance(col.dtype, pl.List):
+                raise DataError(
+                    f"{origin}: sequence column {f.name!r} must be a list column, got {col.dtype}"
+                )
+            _no_nulls(col, origin)
+            bad = col.list.eval(pl.element().is_null()).list.any()
+            if bad.any():
+                row = int(bad.arg_true()[0])
+                raise DataError(f"{origin}: sequence column {f.name!r}, row {row}: missing element")
+        elif f.kind is Kind.EMBEDDING:
+            if not isinstance(col.dtype, (pl.List, pl.Array)) or not col.dtype.inner.is_numeric():
+                raise DataError(f"{origin}: embedding column {f.name!r} must hold float vectors, got {col.dtype}")
+            _no_nulls(col, origin)
+            lengths = col.list.len() if isinstance(col.dtype, pl.List) else None
+            if lengths is not None and (lengths != f.dim).any():
+                row = int((lengths != f.dim).arg_true()[0])
+                raise DataError(f"{origin}: embedding column {f.name!r}, row {row}: length {lengths[row]}, expected {f.dim}")
+    for label in schema.labels:
+        col = frame[label]
+        if not (col.dtype.is_numeric() or col.dtype == pl.Boolean):
+            raise DataError(f"{origin}: label column {label!r} has dtype {col.dtype}; expected 0/1")
+        _no_nulls(col, origin)
+        bad = ~col.cast(pl.Float64).is_in([0.0, 1.0])
+        if bad.any():
+            row = int(bad.arg_true()[0])
+            raise DataError(f"{origin}: label column {label!r}, row {row}: value {col[row]!r} is not 0 or 1")
+    if schema.time is not None:
+        if not (frame[schema.time].dtype.is_numeric() or frame[schema.time].dtype.is_temporal()):
+            raise DataError(f"{origin}: time column {schema.time!r} has dtype {frame[schema.time].dtype}")
+        _no_nulls(frame[schema.time], origin)
+
+
+def _no_nulls(col: pl.Series, origin: str, name: str | None = None) -> None:
+    if col.null_count():
+        row = int(col.is_null().arg_true()[0])
+        raise DataError(f"{origin}: column {name or col.name!r}, row {row}: missing value")
+
+
+def _no_nans(col: pl.Series, origin: str) -> None:
+    if col.dtype.is_float() and col.is_nan().any():
+        row = int(col.is_nan().arg_true()[0])
+        raise DataError(f"{origin}: column {col.name!r}, row {row}: NaN")
+
+
+def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = None) -> Store:
+    """Encode ``raw`` into a store at ``out_dir`` (replaced if it exists) and open it."""
+    split = split or SplitConfig()
+    validate(raw)
+    schema = raw.schema.model_copy(deep=True)
+    frame = raw.frame.with_row_index("_row")
+    codes = assign_splits(frame, schema, split)
+    frame = frame.with_columns(pl.Series("_split", codes))
+    train = frame.filter(pl.col("_split") == 0)
+    if train.height == 0:
+        raise DataError(f"{raw.origin}: the {split.kind} split left no training rows")
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "vocab").mkdir(parents=True)
+
+    # vocabularies: fitted on train values of every feature that uses them
+    encoded: dict[str, pl.Expr] = {}
+    for vocab in schema.vocabs:
+        users = [f for f in schema.categorical + schema.sequences if f.vocab == vocab and f.timeline is None]
+        values = pl.concat(
+            [_as_str(train[f.name].explode() if f.kind is Kind.SEQUENCE else train[f.name]) for f in users]
+        )
+        min_count = max(f.min_count for f in users)
+        table = (
+            values.value_counts(name="count")
+            .with_columns(pl.col("count").cast(pl.Int64))
+            .filter(pl.col("count") >= min_count)
+            .sort(["count", values.name], descending=[True, False])
+            .with_columns(pl.int_range(N_RESERVED, pl.len() + N_RESERVED, dtype=pl.Int32).alias("index"))
+            .rename({values.name: "value"})
+        )
+        table.write_parquet(tmp / "vocab" / f"{vocab}.parquet")
+        schema.vocab_sizes[vocab] = table.height + N_RESERVED
+        for f in users:
+            col = pl.col(f.name)
+            if f.kind is Kind.SEQUENCE:
+                encoded[f.name] = col.list.eval(_encode(pl.element(), table))
+            else:
+                encoded[f.name] = _encode(col, table)
+    frame = frame.with_columns(**encoded)
+
+    # numeric normalisers: train mean and std
+    normalisers = {}
+    for f in schema.numeric:
+        mean = float(train[f.name].cast(pl.Float64).mean())
+        std = float(train[f.name].cast(pl.Float64).std() or 0.0) or 1.0
+        normalisers[f.name] = {"mean": mean, "std": std}
+    (tmp / "normalisers.json").write_text(json.dumps(normalisers, indent=2))
+    if schema.numeric:
+        frame = frame.with_columns(
+            ((pl.col(n).cast(pl.Float64) - s["mean"]) / s["std"]).cast(pl.Float32).alias(n)
+            for n, s in normalisers.items()
+        )
+
+    # timelines: all rows sorted by (user, time, row); a sample's history ends at the first
+    # event of its user with the same time, so only strictly earlier events are seen
+    if schema.histories:
+        frame = frame.sort([schema.user, schema.time, "_row"]).with_columns(
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("_tl_pos")
+        )
+        frame = frame.with_columns(
+            pl.col("_tl_pos").min().over(schema.user).alias("_hist_start"),
+            pl.col("_tl_pos").min().over([schema.user, schema.time]).alias("_hist_end"),
+        )
+        (tmp / "timeline").mkdir()
+        for field in sorted({f.timeline for f in schema.histories}):
+            np.save(tmp / "timeline" / f"{field}.npy", frame[field].to_numpy().astype(np.int32))
+        frame = frame.sort("_row")
+
+    # pretrained vectors: one table row per distinct key value (content is known for new ids too)
+    if schema.embeddings:
+        (tmp / "embedding").mkdir()
+        frame = _embedding_tables(raw, frame, schema, tmp / "embedding")
+
+    for code, name in enumerate(SPLITS):
+        _write_split(frame.filter(pl.col("_split") == code), schema, tmp / "splits" / name)
+
+    schema.save(tmp / "schema.json")
+    (tmp / "split.json").write_text(split.model_dump_json(indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return Store.open(out)
+
+
+def _as_str(series: pl.Series) -> pl.Series:
+    return series.cast(pl.String).rename("value")
+
+
+def _encode(expr: pl.Expr, table: pl.DataFrame) -> pl.Expr:
+    return expr.cast(pl.String).replace_strict(table["value"], table["index"], default=OOV, return_dtype=pl.Int32)
+
+
+def _embedding_tables(raw: RawDataset, frame: pl.DataFrame, schema: Schema, out: Path) -> pl.DataFrame:
+    """Write each pretrained-vector table and replace the vector column by its row index."""
+    raw_keys = raw.frame.select([pl.col(f.key).cast(pl.String).alias(f"_key_{f.name}") for f in schema.embeddings])
+    frame = frame.with_columns(raw_keys.get_columns())
+    for f in schema.embeddings:
+        key = f"_key_{f.name}"
+        first = frame.group_by(key, maintain_order=True).agg(pl.col(f.name).first())
+        vectors = np.asarray(first[f.name].to_list(), dtype=np.float32).reshape(-1, f.dim)
+        np.save(out / f"{f.name}.npy", vectors)
+        index = first.with_columns(pl.int_range(pl.len(), dtype=pl.Int32).alias("_idx")).select(key, "_idx")
+        frame = frame.join(index, on=key, how="left").with_columns(pl.col("_idx").alias(f.name)).drop("_idx", key)
+    return frame.sort("_row")
+
+
+def _write_split(part: pl.DataFrame, schema: Schema, out: Path) -> None:
+    out.mkdir(parents=True)
+    n = part.height
+
+    def matrix(columns: list[str], dtype) -> np.ndarray:
+        if not columns:
+            return np.zeros((n, 0), dtype=dtype)
+        return np.ascontiguousarray(part.select(columns).to_numpy().astype(dtype, copy=False))
+
+    np.save(out / "categorical.npy", matrix([f.name for f in schema.categorical], np.int32))
+    np.save(out / "numeric.npy", matrix([f.name for f in schema.numeric], np.float32))
+    np.save(out / "labels.npy", matrix(schema.labels, np.float32))
+    np.save(out / "row.npy", part["_row"].to_numpy().astype(np.int64))
+    if schema.histories:
+        np.save(out / "hist_start.npy", part["_hist_start"].to_numpy().astype(np.int64))
+        np.save(out / "hist_end.npy", part["_hist_end"].to_numpy().astype(np.int64))
+    for f in schema.sequences:
+        if f.timeline is None:
+            lengths = part[f.name].list.len().to_numpy().astype(np.int64)
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            np.save(out / f"{f.name}.values.npy", part[f.name].explode().drop_nulls().to_numpy().astype(np.int32))
+            np.save(out / f"{f.name}.offsets.npy", offsets)
+    for f in schema.embeddings:
+        np.save(out / f"{f.name}.index.npy", part[f.name].to_numpy().astype(np.int32))

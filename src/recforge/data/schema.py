@@ -1,0 +1,171 @@
+"""The schema: every column of a data set declared once.
+
+A :class:`Schema` says which raw columns are features (and of which kind), which are labels,
+which column holds the user (the group for GAUC and the owner of a timeline), the domain and
+the event time. Features may share a vocabulary (``item_id`` and the history ``hist_item_id``
+both use the ``item_id`` vocabulary), which also makes them share one embedding table.
+
+After :func:`recforge.data.prepare.prepare` the schema also carries the fitted vocabulary sizes;
+it is saved as ``schema.json`` beside the encoded store and inside every exported model.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PAD = 0  # index reserved for padding in every vocabulary
+OOV = 1  # index for values unseen in the train split (or below the min-count)
+N_RESERVED = 2
+
+
+class Kind(str, Enum):
+    CATEGORICAL = "categorical"  # one id per row
+    NUMERIC = "numeric"  # one float per row, normalised on the train split
+    SEQUENCE = "sequence"  # a list of ids per row, or a history view into the user's timeline
+    EMBEDDING = "embedding"  # a pretrained vector looked up by the id of a categorical feature
+
+
+class Feature(BaseModel):
+    """One input feature.
+
+    - ``vocab``: name of the vocabulary (and embedding table); defaults to the feature name.
+    - ``max_len``: sequences are cut to their last ``max_len`` elements.
+    - ``timeline``: for a history sequence, the categorical column whose past values (strictly
+      before the sample's time, in the same user's timeline) make the sequence. Without it a
+      sequence is a list column of the raw table.
+    - ``key`` and ``dim``: for a pretrained embedding, the categorical feature whose id selects
+      the row of the vector table, and the vector's width.
+    - ``min_count``: values seen fewer times in the train split map to OOV.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Kind
+    vocab: str | None = None
+    max_len: int | None = None
+    timeline: str | None = None
+    key: str | None = None
+    dim: int | None = None
+    min_count: int = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> "Feature":
+        if self.kind in (Kind.CATEGORICAL, Kind.SEQUENCE) and self.vocab is None:
+            self.vocab = self.timeline if self.timeline else self.name
+        if self.kind is Kind.SEQUENCE and not self.max_len:
+            raise ValueError(f"sequence feature {self.name!r} needs max_len")
+        if self.kind is not Kind.SEQUENCE and self.timeline is not None:
+            raise ValueError(f"feature {self.name!r}: only sequences take a timeline")
+        if self.kind is Kind.EMBEDDING and (self.key is None or not self.dim):
+            raise ValueError(f"embedding feature {self.name!r} needs key and dim")
+        if self.min_count < 1:
+            raise ValueError(f"feature {self.name!r}: min_count must be >= 1")
+        return self
+
+
+class Schema(BaseModel):
+    """Columns of a data set and, once prepared, the sizes of its vocabularies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: list[Feature]
+    labels: list[str]
+    user: str | None = None  # group column for GAUC and owner of timelines
+    time: str | None = None  # event time; orders each user's timeline
+    domain: str | None = None  # column holding the domain (scenario) of each row
+    vocab_sizes: dict[str, int] = Field(default_factory=dict)  # filled by prepare
+
+    @model_validator(mode="after")
+    def _check(self) -> "Schema":
+        names = [f.name for f in self.features]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"schema: duplicate feature names {sorted(dupes)}")
+        if not self.labels:
+            raise ValueError("schema: at least one label is needed")
+        by_name = {f.name: f for f in self.features}
+        for f in self.features:
+            if f.timeline is not None:
+                source = by_name.get(f.timeline)
+                if source is None or source.kind is not Kind.CATEGORICAL:
+                    raise ValueError(
+                        f"schema: sequence {f.name!r} draws on timeline {f.timeline!r}, "
+                        "which must be a categorical feature"
+                    )
+                if self.user is None or self.time is None:
+                    raise ValueError(f"schema: history {f.name!r} needs the user and time columns")
+            if f.kind is Kind.EMBEDDING:
+                key = by_name.get(f.key or "")
+                if key is None or key.kind is not Kind.CATEGORICAL:
+                    raise ValueError(f"schema: embedding {f.name!r} needs categorical key {f.key!r}")
+        for col in (self.user, self.domain):
+            if col is not None and (col not in by_name or by_name[col].kind is not Kind.CATEGORICAL):
+                raise ValueError(f"schema: {col!r} must also be declared as a categorical feature")
+        return self
+
+    # --- views -----------------------------------------------------------------------------
+    def of_kind(self, kind: Kind) -> list[Feature]:
+        return [f for f in self.features if f.kind is kind]
+
+    @property
+    def categorical(self) -> list[Feature]:
+        return self.of_kind(Kind.CATEGORICAL)
+
+    @property
+    def numeric(self) -> list[Feature]:
+        return self.of_kind(Kind.NUMERIC)
+
+    @property
+    def sequences(self) -> list[Feature]:
+        return self.of_kind(Kind.SEQUENCE)
+
+    @property
+    def embeddings(self) -> list[Feature]:
+        return self.of_kind(Kind.EMBEDDING)
+
+    @property
+    def histories(self) -> list[Feature]:
+        return [f for f in self.sequences if f.timeline is not None]
+
+    def feature(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"schema has no feature {name!r}; it has {[f.name for f in self.features]}")
+
+    def categorical_index(self, name: str) -> int:
+        """Column of ``name`` in ``Batch.categorical``."""
+        return [f.name for f in self.categorical].index(name)
+
+    @property
+    def vocabs(self) -> list[str]:
+        """Vocabulary names in first-use order (categorical, then sequence features)."""
+        seen: dict[str, None] = {}
+        for f in self.categorical + self.sequences:
+            seen.setdefault(f.vocab or f.name, None)
+        return list(seen)
+
+    def vocab_size(self, vocab: str) -> int:
+        if vocab not in self.vocab_sizes:
+            raise KeyError(f"vocabulary {vocab!r} has no size: prepare the data first")
+        return self.vocab_sizes[vocab]
+
+    def raw_columns(self) -> list[str]:
+        cols = [f.name for f in self.features if f.timeline is None]
+        cols += [c for c in self.labels if c not in cols]
+        if self.time is not None and self.time not in cols:
+            cols.append(self.time)
+        return cols
+
+    # --- io --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schema":
+        return cls.model_validate(json.loads(Path(path).read_text()))

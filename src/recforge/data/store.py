@@ -1,0 +1,169 @@
+"""The encoded store: memory-mapped columns, batches made by slicing a shuffled index.
+
+Layout written by :func:`recforge.data.prepare.prepare`::
+
+    schema.json  split.json  normalisers.json  vocab/<vocab>.parquet
+    timeline/<field>.npy                 # [E] int32, every event sorted by (user, time, row)
+    embedding/<feature>.npy              # [K, D] float32 pretrained vectors
+    splits/<split>/categorical.npy       # [N, F_cat] int32
+                   numeric.npy           # [N, F_num] float32 (normalised)
+                   labels.npy            # [N, T] float32
+                   row.npy               # [N] int64 row of the raw table
+                   hist_start.npy, hist_end.npy   # [N] int64: the user's history is timeline[start:end]
+                   <seq>.values.npy, <seq>.offsets.npy   # list columns as CSR
+                   <emb>.index.npy       # [N] int32 row of the vector table
+
+A batch is ``rows = permutation[k * B:(k + 1) * B]``; every tensor is one fancy-index of a
+memory-mapped array, and sequences are the last ``max_len`` entries of each row's
+[start, end) window, right-aligned and left-padded with 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from recforge.data.batch import Batch
+from recforge.data.schema import Schema
+from recforge.data.splits import SPLITS
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def last_window(values: np.ndarray, start: np.ndarray, end: np.ndarray, length: int) -> np.ndarray:
+    """The last ``length`` entries of ``values[start_i:end_i]`` per row -> [B, length], 0-padded left."""
+    positions = end[:, None] - length + np.arange(length)  # [B, L]
+    valid = positions >= start[:, None]
+    out = values[np.where(valid, positions, 0)]
+    out[~valid] = 0
+    return out
+
+
+class Store:
+    """An encoded data set on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.schema = Schema.load(path / "schema.json")
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        path = Path(path)
+        if not (path / "schema.json").exists():
+            raise FileNotFoundError(f"{path}: not an encoded store (no schema.json); run `recforge prepare`")
+        return cls(path)
+
+    def split(self, name: str) -> "SplitView":
+        if name not in SPLITS:
+            raise KeyError(f"unknown split {name!r}; splits are {SPLITS}")
+        return SplitView(self, name)
+
+    def vocabulary(self, vocab: str) -> pl.DataFrame:
+        """Columns value (raw, as string), count (train frequency) and index."""
+        return pl.read_parquet(self.path / "vocab" / f"{vocab}.parquet")
+
+    @cached_property
+    def timeline(self) -> dict[str, np.ndarray]:
+        return {f.timeline: _load(self.path / "timeline" / f"{f.timeline}.npy") for f in self.schema.histories}
+
+    @cached_property
+    def vectors(self) -> dict[str, np.ndarray]:
+        return {f.name: _load(self.path / "embedding" / f"{f.name}.npy") for f in self.schema.embeddings}
+
+
+class SplitView:
+    """The rows of one split; iterates :class:`Batch` objects."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.schema = store.schema
+        root = store.path / "splits" / name
+        self.categorical = _load(root / "categorical.npy")
+        self.numeric = _load(root / "numeric.npy")
+        self.labels = _load(root / "labels.npy")
+        self.row = _load(root / "row.npy")
+        self.hist_start = self.hist_end = None
+        if self.schema.histories:
+            self.hist_start = _load(root / "hist_start.npy")
+            self.hist_end = _load(root / "hist_end.npy")
+        self.lists = {
+            f.name: (_load(root / f"{f.name}.values.npy"), _load(root / f"{f.name}.offsets.npy"))
+            for f in self.schema.sequences
+            if f.timeline is None
+        }
+        self.vector_index = {f.name: _load(root / f"{f.name}.index.npy") for f in self.schema.embeddings}
+        names = [f.name for f in self.schema.categorical]
+        self._group_col = names.index(self.schema.user) if self.schema.user else None
+        self._domain_col = names.index(self.schema.domain) if self.schema.domain else None
+
+    def __len__(self) -> int:
+        return self.categorical.shape[0]
+
+    def column(self, name: str) -> np.ndarray:
+        """An encoded categorical column or a label column -> [N]."""
+        if name in self.schema.labels:
+            return np.asarray(self.labels[:, self.schema.labels.index(name)])
+        return np.asarray(self.categorical[:, self.schema.categorical_index(name)])
+
+    def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+        """Batches each rank sees; with several ranks every rank gets the same number."""
+        total = len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+        return total // world_size if world_size > 1 else total
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[Batch]:
+        """Batches of this rank's shard in an order fixed by ``(seed, epoch)``.
+
+        ``start`` skips this rank's first batches (for a mid-epoch resume) without reading them.
+        With ``world_size`` ranks, batch ``k`` goes to rank ``k % world_size``.
+        """
+        n = len(self)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
+        for k in range(start, self.num_batches(batch_size, world_size, drop_last)):
+            b = k * world_size + rank
+            if order is None:
+                yield self.take(np.arange(b * batch_size, min((b + 1) * batch_size, n)))
+            else:
+                yield self.take(np.sort(order[b * batch_size : (b + 1) * batch_size]))
+
+    def take(self, rows: np.ndarray) -> Batch:
+        """The batch of the given row indices (sorted indices read the memory map fastest)."""
+        categorical = torch.from_numpy(self.categorical[rows].astype(np.int64))
+        sequences = {}
+        for f in self.schema.sequences:
+            if f.timeline is not None:
+                values, start, end = self.store.timeline[f.timeline], self.hist_start[rows], self.hist_end[rows]
+            else:
+                values, offsets = self.lists[f.name]
+                start, end = offsets[rows], offsets[rows + 1]
+            sequences[f.name] = torch.from_numpy(last_window(values, start, end, f.max_len).astype(np.int64))
+        labels = torch.from_numpy(np.ascontiguousarray(self.labels[rows]))
+        return Batch(
+            categorical=categorical,
+            numeric=torch.from_numpy(np.ascontiguousarray(self.numeric[rows])),
+            sequences=sequences,
+            embeddings={
+                name: torch.from_numpy(self.store.vectors[name][index[rows]]) for name, index in self.vector_index.items()
+            },
+            labels={name: labels[:, i] for i, name in enumerate(self.schema.labels)},
+            group=categorical[:, self._group_col] if self._group_col is not None else None,
+            domain=categorical[:, self._domain_col] if self._domain_col is not None else None,
+            row=torch.from_numpy(rows.astype(np.int64)),
+        )

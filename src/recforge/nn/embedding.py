@@ -1,0 +1,63 @@
+"""Embedding of every categorical field and sequence with one fused table.
+
+All vocabularies of a schema are stacked into one ``nn.Embedding`` with sparse gradients, so
+that the categorical fields of a batch are embedded by a single lookup (``ids + offsets``) and
+the optimiser touches only the rows a batch uses. Features that share a vocabulary share rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from recforge.data.batch import Batch
+from recforge.data.schema import Schema
+
+
+class FeatureEmbedding(nn.Module):
+    """One sparse table over all vocabularies of ``schema``.
+
+    ``fields(batch)`` -> [B, F_cat, D] for the categorical fields;
+    ``sequence(batch, name)`` -> [B, L, D] for a sequence feature (padding rows are zero);
+    ``lookup(ids, vocab)`` -> [..., D] for ids of a named vocabulary.
+    """
+
+    def __init__(self, schema: Schema, dim: int, vocabs: list[str] | None = None) -> None:
+        super().__init__()
+        self.schema = schema
+        self.dim = dim
+        names = vocabs if vocabs is not None else schema.vocabs
+        sizes = [schema.vocab_size(v) for v in names]
+        starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
+        self.vocab_offset = {v: int(s) for v, s in zip(names, starts)}
+        self.table = nn.Embedding(sum(sizes), dim, sparse=True)
+        nn.init.normal_(self.table.weight, std=1e-2)
+        field_offsets = [self.vocab_offset[f.vocab] for f in schema.categorical]
+        self.register_buffer("field_offsets", torch.tensor(field_offsets, dtype=torch.long), persistent=False)
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.field_offsets)
+
+    def fields(self, batch: Batch) -> Tensor:
+        return self.table(batch.categorical + self.field_offsets)  # [B, F, D]
+
+    def lookup(self, ids: Tensor, vocab: str) -> Tensor:
+        return self.table(ids + self.vocab_offset[vocab])  # [..., D]
+
+    def sequence(self, batch: Batch, name: str) -> Tensor:
+        ids = batch.sequences[name]  # [B, L]
+        emb = self.lookup(ids, self.schema.feature(name).vocab)  # [B, L, D]
+        return emb * (ids != 0).unsqueeze(-1)
+
+    def pooled_sequences(self, batch: Batch) -> Tensor:
+        """Mean over the non-padding items of every sequence feature -> [B, S, D]."""
+        pooled = []
+        for f in self.schema.sequences:
+            ids = batch.sequences[f.name]
+            emb = self.sequence(batch, f.name)  # [B, L, D]
+            count = (ids != 0).sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+            pooled.append(emb.sum(1) / count)
+        if not pooled:
+            return batch.numeric.new_zeros(len(batch), 0, self.dim)
+        return torch.stack(pooled, 1)

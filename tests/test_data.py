@@ -1,0 +1,242 @@
+"""Schema, splits, prepare and store on tiny generated tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recforge.data.prepare import DataError, prepare
+from recforge.data.schema import OOV, Feature, Schema
+from recforge.data.sources import RawDataset
+from recforge.data.splits import SplitConfig, assign_splits
+from recforge.data.store import last_window
+
+
+def make_schema(history: int = 3) -> Schema:
+    features = [
+        Feature(name="user_id", kind="categorical"),
+        Feature(name="item_id", kind="categorical"),
+        Feature(name="x", kind="numeric"),
+        Feature(name="genres", kind="sequence", max_len=2, vocab="genre"),
+    ]
+    if history:
+        features.append(Feature(name="hist_item_id", kind="sequence", timeline="item_id", max_len=history))
+    return Schema(features=features, labels=["click"], user="user_id", time="t")
+
+
+def make_frame(n_users: int = 30, per_user: int = 12, seed: int = 0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    n = n_users * per_user
+    return pl.DataFrame(
+        {
+            "user_id": np.repeat(np.arange(n_users), per_user),
+            "item_id": [f"i{v}" for v in rng.integers(0, 40, n)],
+            "t": rng.integers(0, 50, n),  # many ties in time
+            "x": rng.normal(3.0, 2.0, n),
+            "genres": [[f"g{g}" for g in rng.integers(0, 5, rng.integers(0, 4))] for _ in range(n)],
+            "click": rng.integers(0, 2, n),
+        }
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    return prepare(RawDataset(make_frame(), make_schema(), "memory"), tmp_path / "store", SplitConfig(seed=1))
+
+
+def test_vocabularies_fitted_on_train_only(tmp_path):
+    frame = make_frame()
+    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(pl.lit("only_once")).otherwise("item_id").alias("item_id"))
+    split = SplitConfig(seed=3)
+    codes = assign_splits(frame, make_schema(), split)
+    store = prepare(RawDataset(frame, make_schema(), "memory"), tmp_path / "s", split)
+    vocab = store.vocabulary("item_id")
+    train_items = set(frame.filter(pl.Series(codes == 0))["item_id"])
+    assert set(vocab["value"]) == train_items
+    assert vocab["index"].min() == 2 and store.schema.vocab_size("item_id") == len(train_items) + 2
+    counts = vocab["count"].to_numpy()
+    assert np.all(np.diff(counts) <= 0)  # frequent values first
+    split_name = ["train", "valid", "test"][codes[5]]
+    view = store.split(split_name)
+    row = int(np.nonzero(view.row[:] == 5)[0][0])
+    expected = OOV if split_name != "train" else int(vocab.filter(pl.col("value") == "only_once")["index"][0])
+    assert view.column("item_id")[row] == expected
+
+
+def test_min_count_maps_rare_values_to_oov(tmp_path):
+    schema = make_schema()
+    schema.features[1] = Feature(name="item_id", kind="categorical", min_count=12)
+    store = prepare(RawDataset(make_frame(), schema, "memory"), tmp_path / "s")
+    vocab = store.vocabulary("item_id")
+    assert vocab["count"].min() >= 12
+    assert (store.split("train").column("item_id") == OOV).any()
+
+
+def test_numeric_normalised_with_train_statistics(store):
+    x = np.asarray(store.split("train").numeric[:, 0])
+    assert abs(x.mean()) < 1e-5 and abs(x.std(ddof=1) - 1) < 1e-4
+
+
+def test_every_row_lands_in_exactly_one_split(store):
+    rows = np.concatenate([np.asarray(store.split(s).row) for s in ("train", "valid", "test")])
+    assert np.array_equal(np.sort(rows), np.arange(30 * 12))
+    assert len(store.split("train")) == 288
+
+
+def test_history_holds_only_strictly_earlier_events_of_the_same_user(tmp_path):
+    frame = make_frame()
+    store = prepare(RawDataset(frame, make_schema(history=50), "memory"), tmp_path / "s")
+    items = store.vocabulary("item_id")
+    decode = dict(zip(items["index"].to_list(), items["value"].to_list()))
+    for split in ("train", "test"):
+        view = store.split(split)
+        batch = view.take(np.arange(len(view)))
+        for i in range(0, len(view), 7):  # reference: a naive scan of the raw table
+            raw = frame.row(int(view.row[i]), named=True)
+            earlier = frame.with_row_index().filter(
+                (pl.col("user_id") == raw["user_id"]) & (pl.col("t") < raw["t"])
+            ).sort(["t", "index"])
+            expected = [v for v in earlier["item_id"].to_list()][-50:]
+            got = [h for h in batch.sequences["hist_item_id"][i].tolist() if h != 0]
+            assert [decode.get(h, "<oov>") for h in got] == [
+                e if e in set(items["value"]) else "<oov>" for e in expected
+            ]
+
+
+def test_list_sequence_keeps_last_max_len_right_aligned(store):
+    view = store.split("train")
+    batch = view.take(np.arange(len(view)))
+    values, offsets = view.lists["genres"]
+    lengths = offsets[1:] - offsets[:-1]
+    genres = batch.sequences["genres"]
+    assert genres.shape == (len(view), 2)
+    assert np.array_equal((genres != 0).sum(1).numpy(), np.minimum(lengths, 2))
+    i = int(np.argmax(lengths >= 3))
+    assert genres[i].tolist() == values[offsets[i + 1] - 2 : offsets[i + 1]].tolist()
+
+
+def test_last_window_pads_on_the_left():
+    values = np.arange(10) + 100
+    out = last_window(values, np.array([0, 2, 5]), np.array([3, 2, 9]), 3)
+    assert out.tolist() == [[100, 101, 102], [0, 0, 0], [106, 107, 108]]
+
+
+def test_batches_cover_each_row_once_and_are_deterministic(store):
+    view = store.split("train")
+    rows = np.concatenate([b.row.numpy() for b in view.batches(50, shuffle=True, seed=4, epoch=2)])
+    assert np.array_equal(np.sort(rows), np.arange(len(view)))
+    again = np.concatenate([b.row.numpy() for b in view.batches(50, shuffle=True, seed=4, epoch=2)])
+    other_epoch = np.concatenate([b.row.numpy() for b in view.batches(50, shuffle=True, seed=4, epoch=3)])
+    assert np.array_equal(rows, again) and not np.array_equal(rows, other_epoch)
+    skipped = np.concatenate([b.row.numpy() for b in view.batches(50, shuffle=True, seed=4, epoch=2, start=2)])
+    assert np.array_equal(skipped, rows[100:])
+
+
+def test_ranks_get_disjoint_equal_shards(store):
+    view = store.split("train")
+    shards = [[b.row.numpy() for b in view.batches(32, shuffle=True, rank=r, world_size=2)] for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == view.num_batches(32, world_size=2)
+    assert not set(np.concatenate(shards[0])) & set(np.concatenate(shards[1]))
+
+
+def test_batch_dtypes_and_group(store):
+    batch = next(store.split("valid").batches(16))
+    assert batch.categorical.dtype == batch.sequences["hist_item_id"].dtype == np.int64 or str(batch.categorical.dtype) == "torch.int64"
+    assert str(batch.numeric.dtype) == "torch.float32" and str(batch.labels["click"].dtype) == "torch.float32"
+    assert batch.group.tolist() == batch.categorical[:, 0].tolist()
+
+
+def test_pretrained_vectors_are_looked_up_by_key_even_for_unseen_ids(tmp_path):
+    frame = make_frame().with_columns(
+        pl.concat_list(pl.col("item_id").str.slice(1).cast(pl.Float32), pl.lit(1.0, pl.Float32)).alias("item_vec")
+    )
+    schema = make_schema()
+    schema.features.append(Feature(name="item_vec", kind="embedding", key="item_id", dim=2))
+    store = prepare(RawDataset(frame, Schema.model_validate(schema.model_dump()), "memory"), tmp_path / "s")
+    for split in ("train", "test"):
+        view = store.split(split)
+        batch = view.take(np.arange(len(view)))
+        raw_items = frame["item_id"].gather(view.row[:]).str.slice(1).cast(pl.Float32).to_numpy()
+        assert np.array_equal(batch.embeddings["item_vec"][:, 0].numpy(), raw_items)
+
+
+def test_splits_random_temporal_leave_one_out():
+    frame = make_frame()
+    schema = make_schema()
+    random = assign_splits(frame, schema, SplitConfig(ratios=(0.5, 0.25, 0.25), seed=0))
+    assert np.bincount(random).tolist() == [180, 90, 90]
+    temporal = assign_splits(frame, schema, SplitConfig(kind="temporal"))
+    t = frame["t"].to_numpy()
+    assert t[temporal == 0].max() < t[temporal == 1].min() and t[temporal == 1].max() < t[temporal == 2].min()
+    loo = assign_splits(frame, schema, SplitConfig(kind="leave_one_out"))
+    per_user = frame.with_columns(pl.Series("s", loo)).group_by("user_id").agg(
+        (pl.col("s") == 2).sum().alias("test"), (pl.col("s") == 1).sum().alias("valid"),
+        pl.col("t").filter(pl.col("s") == 2).first().alias("t_test"), pl.col("t").max().alias("t_max"),
+    )
+    assert (per_user["test"] == 1).all() and (per_user["valid"] == 1).all()
+    assert (per_user["t_test"] == per_user["t_max"]).all()
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def raw_with(frame: pl.DataFrame, schema: Schema | None = None) -> RawDataset:
+    return RawDataset(frame, schema or make_schema(), "events.csv")
+
+
+def test_missing_column_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"events.csv: missing column\(s\) \['x'\]"):
+        prepare(raw_with(make_frame().drop("x")), tmp_path / "s")
+
+
+def test_float_ids_are_rejected(tmp_path):
+    frame = make_frame().with_columns(pl.col("user_id").cast(pl.Float64))
+    with pytest.raises(DataError, match="events.csv: categorical column 'user_id' has dtype Float64"):
+        prepare(raw_with(frame), tmp_path / "s")
+
+
+def test_missing_categorical_value_names_row(tmp_path):
+    frame = make_frame().with_columns(pl.when(pl.int_range(pl.len()) == 17).then(None).otherwise(pl.col("item_id")).alias("item_id"))
+    with pytest.raises(DataError, match="events.csv: column 'item_id', row 17: missing value"):
+        prepare(raw_with(frame), tmp_path / "s")
+
+
+def test_nan_numeric_names_row(tmp_path):
+    frame = make_frame().with_columns(pl.when(pl.int_range(pl.len()) == 9).then(float("nan")).otherwise(pl.col("x")).alias("x"))
+    with pytest.raises(DataError, match="events.csv: column 'x', row 9: NaN"):
+        prepare(raw_with(frame), tmp_path / "s")
+
+
+def test_text_in_numeric_column_is_rejected(tmp_path):
+    frame = make_frame().with_columns(pl.col("x").cast(pl.String))
+    with pytest.raises(DataError, match="numeric column 'x' has dtype String"):
+        prepare(raw_with(frame), tmp_path / "s")
+
+
+def test_label_outside_0_1_names_row(tmp_path):
+    frame = make_frame().with_columns(pl.when(pl.int_range(pl.len()) == 4).then(2).otherwise(pl.col("click")).alias("click"))
+    with pytest.raises(DataError, match="events.csv: label column 'click', row 4: value 2 is not 0 or 1"):
+        prepare(raw_with(frame), tmp_path / "s")
+
+
+def test_sequence_that_is_not_a_list(tmp_path):
+    frame = make_frame().with_columns(pl.col("genres").list.join("|"))
+    with pytest.raises(DataError, match="sequence column 'genres' must be a list column, got String"):
+        prepare(raw_with(frame), tmp_path / "s")
+
+
+def test_empty_table(tmp_path):
+    with pytest.raises(DataError, match="events.csv: the table is empty"):
+        prepare(raw_with(make_frame().head(0)), tmp_path / "s")
+
+
+def test_schema_rejects_inconsistent_declarations():
+    with pytest.raises(ValueError, match="needs max_len"):
+        Feature(name="s", kind="sequence")
+    with pytest.raises(ValueError, match="must be a categorical feature"):
+        Schema(features=[Feature(name="h", kind="sequence", timeline="nope", max_len=2)], labels=["y"], user="u", time="t")
+    with pytest.raises(ValueError, match="duplicate feature names"):
+        Schema(features=[Feature(name="a", kind="numeric")] * 2, labels=["y"])
+    with pytest.raises(ValueError, match="Extra inputs"):
+        Feature(name="a", kind="numeric", colour="red")
