@@ -1,0 +1,133 @@
+"""`recforge ...`: a thin command line over the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recforge.config import ExperimentConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial recommender models: prepare, train, evaluate.")
+console = Console()
+
+STORE_ROOT = Path("runs/stores")
+
+QUICKSTART = {
+    "synthetic": {
+        "name": "quickstart_synthetic_deepfm",
+        "data": {"source": "synthetic", "options": {"n_rows": 300_000, "seed": 0}, "split": {"kind": "random", "seed": 0}},
+        "model": {"name": "deepfm", "params": {}},
+        "train": {"epochs": 2, "batch_size": 4096, "lr": 0.002, "monitor": "valid_click_auc"},
+    },
+    "movielens-1m": {
+        "name": "quickstart_movielens1m_deepfm",
+        "data": {"source": "movielens-1m", "options": {"history_len": 0}, "split": {"kind": "random", "seed": 42}},
+        "model": {"name": "deepfm", "params": {}},
+        "train": {"epochs": 2, "batch_size": 4096, "lr": 0.002, "monitor": "valid_click_auc"},
+    },
+}
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+def _table(title: str, metrics: dict) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command()
+def quickstart(
+    data: Annotated[str, typer.Option(help="synthetic (generated, no files needed) or movielens-1m")] = "synthetic",
+    out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/quickstart"),
+) -> None:
+    """Train DeepFM on a generated industrial-style log (or MovieLens-1M) and print its metrics."""
+    from recforge.experiment import run
+
+    if data not in QUICKSTART:
+        _fail(ValueError(f"--data must be one of {sorted(QUICKSTART)}"))
+    config = ExperimentConfig.model_validate(QUICKSTART[data])
+    try:
+        metrics = run(config, out / data, store_root=STORE_ROOT)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    console.print(_table(f"{config.name} (run folder {out / data})", metrics))
+
+
+@app.command()
+def prepare(config: Path, set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override")] = None) -> None:
+    """Encode the data set of CONFIG into its store."""
+    from recforge.experiment import prepare_store
+
+    try:
+        cfg = load_config(config, set_)
+        store = prepare_store(cfg.data, STORE_ROOT)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    sizes = {split: len(store.split(split)) for split in ("train", "valid", "test")}
+    console.print(f"store [bold]{store.path}[/]: rows {sizes}, vocabularies {store.schema.vocab_sizes}")
+
+
+@app.command()
+def train(
+    config: Path,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override, e.g. train.lr=0.001")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/<config name>)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
+) -> None:
+    """Train the model of CONFIG; writes metrics.json, model/ and report.md to the run folder."""
+    from recforge.experiment import run
+
+    try:
+        cfg = load_config(config, set_)
+        metrics = run(cfg, out or Path("runs") / cfg.name, resume=resume, store_root=STORE_ROOT)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    if metrics:
+        console.print(_table(cfg.name, metrics))
+
+
+@app.command()
+def evaluate(run_dir: Path, split: Annotated[str, typer.Option(help="train, valid or test")] = "test") -> None:
+    """Recompute the metrics of a finished run from its saved model."""
+    from recforge.experiment import evaluate_run
+
+    try:
+        metrics = evaluate_run(run_dir, split, STORE_ROOT)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(err)
+    console.print(_table(f"{run_dir} ({split})", metrics))
+    print(json.dumps(metrics))
+
+
+@app.command()
+def models() -> None:
+    """List the registered models and their default hyper-parameters."""
+    from recforge.models import registered
+
+    table = Table(title="models")
+    table.add_column("name")
+    table.add_column("task")
+    table.add_column("defaults")
+    for name, cls in registered().items():
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in dataclasses.fields(cls.config_class)}
+        table.add_row(name, cls.task, json.dumps(defaults))
+    console.print(table)
+
+
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,199 @@
+"""MovieLens 1M and 100K (GroupLens): ratings joined with user and movie side features.
+
+One row per rating. ``click`` = rating >= ``label_threshold``. Ids are int64; the side features
+(gender, age, occupation, zip, year) are strings, the same in both variants; genres are a list.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import polars as pl
+
+from recforge.data.schema import Feature, Kind, Schema
+from recforge.data.sources import RawDataset, history_feature, text_lines
+from recforge.data.sources._download import Remote, dataset_dir
+
+_GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+# The publisher's zips were re-packed in the shared copy: the members' hashes are what is checked.
+ML_1M = Remote(
+    url=f"{_GROUPLENS}/ml-1m.zip",
+    name="ml-1m.zip",
+    members={
+        "ml-1m/ratings.dat": "506d64ca44484487c11dc2d9a28de5c54948213e6b96285e298afe28d6ea4e0f",
+        "ml-1m/movies.dat": "0140fc2356357c1a851d0f52e893a1e4d3696df632c4141cea8d5bc3d621f0b9",
+        "ml-1m/users.dat": "1dc3a95300cb19f7c10e027daf29b8cdf1d908dab65b5edfb45950aa389a10a3",
+    },
+)
+ML_100K = Remote(
+    url=f"{_GROUPLENS}/ml-100k.zip",
+    name="ml-100k.zip",
+    members={
+        "ml-100k/u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
+        "ml-100k/u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
+        "ml-100k/u.user": "f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
+    },
+    extract=True,
+)
+# u.item's 19 genre flags, in column order (as listed in u.genre)
+GENRES_100K = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+)  # fmt: skip
+GENRES_MAX_LEN = 6  # the most genres any movie has, in both variants
+SIDE = ["gender", "age", "occupation", "zip", "year"]
+
+
+def load(
+    variant: str = "1m",
+    label_threshold: int = 4,
+    history_len: int = 50,
+    root: str | Path | None = None,
+) -> RawDataset:
+    """Ratings of MovieLens ``variant`` ("1m" or "100k") with user and movie features.
+
+    ``root`` is the data set's folder (``$RECFORGE_DATA/movielens-1m`` by default, else a
+    verified download). ``history_len`` > 0 declares ``hist_item_id``, the user's last items.
+
+    Columns: user_id, item_id (int64); gender, age, occupation, zip, year (str); genres
+    (list[str]); rating (int64, not a feature); timestamp (int64 seconds); click (int8).
+    """
+    if history_len < 0:
+        raise ValueError(f"history_len must be >= 0, got {history_len}")
+    if variant == "1m":
+        base = Path(root) if root is not None else dataset_dir("movielens-1m", [ML_1M])
+        ratings, users, movies, origin = _read_1m(base / ML_1M.name)
+    elif variant == "100k":
+        base = Path(root) if root is not None else dataset_dir("movielens-100k", [ML_100K])
+        ratings, users, movies, origin = _read_100k(base / "ml-100k")
+    else:
+        raise ValueError(f"unknown MovieLens variant {variant!r}; known: '1m', '100k'")
+
+    frame = (
+        ratings.join(users, on="user_id", how="left", validate="m:1", maintain_order="left")
+        .join(movies, on="item_id", how="left", validate="m:1", maintain_order="left")
+        .with_columns(click=(pl.col("rating") >= label_threshold).cast(pl.Int8))
+    )
+    _check_joined(frame, "gender", "user_id", origin["users"])
+    _check_joined(frame, "genres", "item_id", origin["movies"])
+    frame = frame.select("user_id", "item_id", *SIDE, "genres", "rating", "timestamp", "click")
+    return RawDataset(frame=frame, schema=schema(history_len), origin=origin["ratings"])
+
+
+def schema(history_len: int = 50) -> Schema:
+    """Schema of :func:`load`'s frame."""
+    features = [Feature(name=c, kind=Kind.CATEGORICAL) for c in ["user_id", "item_id", *SIDE]]
+    features.append(
+        Feature(name="genres", kind=Kind.SEQUENCE, max_len=GENRES_MAX_LEN, vocab="genre")
+    )
+    if history_len:
+        features.append(history_feature(history_len))
+    return Schema(features=features, labels=["click"], user="user_id", time="timestamp")
+
+
+# --- readers ----------------------------------------------------------------------------------
+_Frames = tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, str]]
+_RATINGS = {"user_id": pl.Int64, "item_id": pl.Int64, "rating": pl.Int64, "timestamp": pl.Int64}
+
+
+def _read_1m(path: Path) -> _Frames:
+    origin = {k: f"{path}:ml-1m/{k}.dat" for k in ("ratings", "users", "movies")}
+    if not path.is_file():
+        raise FileNotFoundError(f"MovieLens 1M archive not found: {path}")
+    with zipfile.ZipFile(path) as archive:
+        raw = {}
+        for name in origin:
+            try:
+                raw[name] = archive.read(f"ml-1m/{name}.dat")
+            except KeyError:
+                raise ValueError(f"{path}: member ml-1m/{name}.dat is missing") from None
+    ratings = _parse(raw["ratings"], "::", _RATINGS, origin["ratings"])
+    users = _parse(
+        raw["users"], "::",
+        {"user_id": pl.Int64, "gender": pl.String, "age": pl.String, "occupation": pl.String,
+         "zip": pl.String},
+        origin["users"],
+    )  # fmt: skip
+    movies = _parse(
+        raw["movies"].decode("latin-1").encode(), "::",  # ISO-8859-1 -> utf-8
+        {"item_id": pl.Int64, "title": pl.String, "genres": pl.String},
+        origin["movies"],
+    )  # fmt: skip
+    movies = movies.select("item_id", _year(pl.col("title")), pl.col("genres").str.split("|"))
+    return ratings, users, movies, origin
+
+
+def _read_100k(folder: Path) -> _Frames:
+    files = {"ratings": "u.data", "users": "u.user", "movies": "u.item"}
+    origin = {k: str(folder / f) for k, f in files.items()}
+    raw = {}
+    for name, file in origin.items():
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"MovieLens 100K file not found: {file}")
+        raw[name] = Path(file).read_bytes()
+    ratings = _parse(raw["ratings"], "\t", _RATINGS, origin["ratings"])
+    users = _parse(
+        raw["users"], "|",
+        {"user_id": pl.Int64, "age": pl.String, "gender": pl.String, "occupation": pl.String,
+         "zip": pl.String},
+        origin["users"],
+    )  # fmt: skip
+    flags = [f"g{i}" for i in range(len(GENRES_100K))]
+    movies = _parse(
+        raw["movies"].decode("latin-1").encode(), "|",
+        {"item_id": pl.Int64, "title": pl.String, "release": pl.String, "video": pl.String,
+         "url": pl.String} | {f: pl.Int8 for f in flags},
+        origin["movies"],
+    )  # fmt: skip
+    genres = pl.concat_list(
+        [pl.when(pl.col(f) == 1).then(pl.lit(g)) for f, g in zip(flags, GENRES_100K)]
+    ).list.drop_nulls()
+    movies = movies.select("item_id", _year(pl.col("title")), genres.alias("genres"))
+    return ratings, users, movies, origin
+
+
+def _parse(raw: bytes, sep: str, columns: dict[str, pl.DataType], origin: str) -> pl.DataFrame:
+    """Split delimited utf-8 text into typed ``columns``; blank lines are skipped.
+
+    A line with the wrong number of fields, or a value that does not parse, is reported with
+    its line number.
+    """
+    parts = text_lines(raw, origin).select("line", pl.col("text").str.split(sep))
+    bad = parts.filter(pl.col("text").list.len() != len(columns))
+    if bad.height:
+        line, fields = bad.row(0)
+        raise ValueError(
+            f"{origin}, line {line}: expected {len(columns)} fields separated by {sep!r}, "
+            f"found {len(fields)}"
+        )
+    frame = parts.select(
+        "line", *(pl.col("text").list.get(i).alias(c) for i, c in enumerate(columns))
+    )
+    for column, dtype in columns.items():
+        if dtype == pl.String:
+            continue
+        parsed = pl.col(column).str.strip_chars().cast(dtype, strict=False)
+        bad = frame.filter(parsed.is_null())
+        if bad.height:
+            raise ValueError(
+                f"{origin}, line {bad['line'][0]}: {column} {bad[column][0]!r} is not {dtype}"
+            )
+        frame = frame.with_columns(parsed)
+    return frame.drop("line")
+
+
+def _year(title: pl.Expr) -> pl.Expr:
+    """Release year from a title ending in "(YYYY)" (the last such group); "unknown" if none."""
+    year = title.str.extract_all(r"\(\d{4}\)").list.last().str.slice(1, 4)
+    return year.fill_null("unknown").alias("year")
+
+
+def _check_joined(frame: pl.DataFrame, column: str, key: str, origin: str) -> None:
+    missing = frame.filter(pl.col(column).is_null())
+    if missing.height:
+        raise ValueError(
+            f"{origin}: no entry for {key} {missing[key][0]} "
+            f"({missing[key].n_unique()} {key}s of the ratings are missing)"
+        )

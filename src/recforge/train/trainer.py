@@ -1,0 +1,461 @@
+"""The training loop: optimisers, epochs, evaluation, early stopping, checkpoints, resume.
+
+The trainer knows the model only through the :class:`~recforge.models.Model` contract, and the
+data only through the store's split views. ``out_dir`` receives::
+
+    metrics.jsonl   one JSON object per line: "train" (every ``log_every`` steps), "eval"
+                    (each epoch's validation) and "final" (best weights on valid and test)
+    last/           the latest checkpoint: model.safetensors, optimizer.safetensors, state.json
+    best/           the weights with the best monitored metric: model.safetensors, state.json
+
+Reproducibility: the order of the batches is fixed by ``(seed, epoch)`` in the store, and the
+python, numpy and torch generators are re-seeded before every step from ``(seed, rank, step)``.
+A checkpoint therefore needs no generator state, and a run resumed from any checkpoint
+(mid-epoch ones skip the batches already done) takes the very steps of an unbroken run and ends
+with the same weights and metrics, bit for bit (on the same hardware and thread count).
+
+Evaluation runs under ``torch.inference_mode()`` in batches of ``eval_batch_size``:
+
+- ranking models: every key ``k`` of ``model.predict`` that names a label of the batch is scored
+  against it (``<split>_<k>_auc``, ``_logloss`` and, when the store has a user column,
+  ``_gauc``). A ``ctcvr`` prediction of a funnel model is scored against the product of the
+  labels of the other predicted keys (click * conversion).
+- retrieval models: each row of the split is a (user, item) interaction; the user vector of the
+  row ranks its item against the whole item vocabulary, the user's items of the train split
+  excluded (``<split>_recall@K``, ``_ndcg@K``, ``_hr@K``, ``_mrr``). The model names its item
+  column in ``config.item_feature``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor
+
+from recforge.data.schema import OOV, PAD
+from recforge.data.store import SplitView, Store
+from recforge.evaluate.metrics import classification_report, full_ranking_metrics
+from recforge.models.base import Model
+from recforge.train import distributed
+from recforge.train.checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from recforge.train.optim import Optimizers
+
+QUIET_ENV = "RECFORGE_QUIET"  # set to a non-empty value other than "0" to silence the trainer
+CTCVR = "ctcvr"
+RETRIEVAL_KS = (10, 20, 50)
+_SCORE_BLOCK = 1 << 24  # user x item scores computed at once in full-corpus evaluation
+
+# settings that shape the sequence of steps; a run resumes only with the same values
+_TRAJECTORY = ("batch_size", "lr", "weight_decay", "sparse_lr", "clip_norm", "seed")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run.
+
+    - ``sparse_lr``: learning rate of the row-wise Adagrad on sparse embedding tables (``lr``
+      and ``weight_decay`` are AdamW's, for every other parameter).
+    - ``clip_norm``: the dense gradients' norm is clipped to it (None: no clipping).
+    - ``patience``: stop after this many epochs without improvement of ``monitor`` (None: never).
+    - ``monitor``: a metric name of ``evaluate("valid")``, e.g. ``valid_click_auc``; None picks
+      its first one (the AUC of the first predicted label, or recall@10). ``mode``: max or min.
+    - ``checkpoint_every_steps``: also checkpoint every this many steps (0: at epoch ends only).
+    - ``num_threads``: torch intra-op threads (None: torch's default).
+    - ``quiet``: no progress bar or epoch lines (also when ``RECFORGE_QUIET`` is set).
+    """
+
+    epochs: int = 10
+    batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    sparse_lr: float = 0.05
+    clip_norm: float | None = 10.0
+    seed: int = 0
+    patience: int | None = 2
+    monitor: str | None = None
+    mode: str = "max"
+    eval_batch_size: int = 65536
+    checkpoint_every_steps: int = 1000
+    num_threads: int | None = None
+    log_every: int = 100
+    device: str = "cpu"
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"train: mode must be 'max' or 'min', got {self.mode!r}")
+        for name in ("batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train: {name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0 or self.checkpoint_every_steps < 0:
+            raise ValueError("train: epochs and checkpoint_every_steps must be >= 0")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"train: patience must be >= 1 or None, got {self.patience}")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches of the current epoch done by each rank
+    global_step: int = 0
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # evaluations since the last improvement
+    stopped: bool = False  # early stopping ended the run
+    log_bytes: int = 0  # length of metrics.jsonl when the checkpoint was taken
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains ``model`` on ``store``'s train split, validating on its valid split.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel and
+    each rank trains on its shard of every epoch; rank 0 evaluates, logs and checkpoints.
+    """
+
+    def __init__(self, model: Model, store: Store, config: TrainConfig, out_dir: str | Path) -> None:
+        self.config = config
+        self.store = store
+        self.out_dir = Path(out_dir)
+        self.last_dir = self.out_dir / "last"
+        self.best_dir = self.out_dir / "best"
+        self.log_path = self.out_dir / "metrics.jsonl"
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.context = distributed.setup()
+        self.device = distributed.device_for(self.context, config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        self.model = model.to(self.device)
+        self.network = distributed.wrap(self.model, self.context, self.device)
+        self.optimizers = Optimizers(
+            self.model,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            sparse_lr=config.sparse_lr,
+            clip_norm=config.clip_norm,
+        )
+        self.verbose = self.context.is_main and not config.quiet and os.environ.get(QUIET_ENV, "") in ("", "0")
+        self.console = Console(stderr=True, quiet=not self.verbose)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process is rank 0, the one that evaluates, logs and checkpoints."""
+        return self.context.is_main
+
+    # --- training ------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train, early-stop on ``monitor`` and end with the best weights loaded.
+
+        ``resume`` continues from ``out_dir/last`` when it holds a checkpoint; otherwise the run
+        starts afresh and replaces what ``out_dir`` held. Returns the best weights' metrics on
+        valid and test, with ``best_epoch``, ``epochs`` (completed) and ``steps``.
+        """
+        train = self.store.split("train")
+        steps_per_epoch = train.num_batches(self.config.batch_size, self.context.world_size)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{self.store.path}: the train split has too few rows for one batch per rank")
+        if len(self.store.split("valid")) == 0:
+            raise ValueError(f"{self.store.path}: the valid split is empty; early stopping needs it")
+
+        state = self._resume() if resume else None
+        if state is None:
+            state = TrainState()
+            if self.context.is_main:
+                self._clear_outputs()
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} samples/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not (self.verbose and self.console.is_terminal),
+        )
+        with bar:
+            while state.epoch < self.config.epochs and not state.stopped:
+                self._train_epoch(state, train, steps_per_epoch, bar)
+                self._end_epoch(state)
+
+        results: dict[str, float] = {"epochs": state.epoch, "steps": state.global_step}
+        if state.best_epoch is not None:
+            distributed.barrier(self.context)  # rank 0 has written best/
+            load_weights(self.best_dir, self.model)
+            results["best_epoch"] = state.best_epoch
+        results |= self._evaluate_on_main("valid")
+        if len(self.store.split("test")):
+            results |= self._evaluate_on_main("test")
+        self._log({"event": "final", **results})
+        return results
+
+    def _train_epoch(self, state: TrainState, train: SplitView, steps_per_epoch: int, bar: Progress) -> None:
+        config, context = self.config, self.context
+        self.network.train()
+        task = bar.add_task(
+            f"epoch {state.epoch + 1}/{config.epochs}",
+            total=steps_per_epoch,
+            completed=state.step_in_epoch,
+            loss="-",
+            speed="-",
+        )
+        window = _LossWindow()
+        batches = train.batches(
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            epoch=state.epoch,
+            rank=context.rank,
+            world_size=context.world_size,
+            start=state.step_in_epoch,
+        )
+        for batch in batches:
+            self._seed_step(state.global_step)
+            batch = batch.to(self.device)
+            outputs = self.network(batch)
+            loss, parts = self.model.loss(outputs, batch)
+            self.optimizers.zero_grad()
+            loss.backward()
+            self.optimizers.step()
+            state.global_step += 1
+            state.step_in_epoch += 1
+            window.add(loss.detach(), parts, len(batch) * context.world_size)
+            bar.advance(task)
+            if state.global_step % config.log_every == 0 or state.step_in_epoch == steps_per_epoch:
+                record = window.flush()
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(
+                        f"training loss is {record['loss']} at epoch {state.epoch + 1}, step {state.global_step}"
+                    )
+                self._log({"event": "train", "epoch": state.epoch + 1, "step": state.global_step, **record})
+                bar.update(task, loss=f"{record['loss']:.4f}", speed=f"{record['samples_per_s']:,.0f}")
+            every = config.checkpoint_every_steps
+            if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
+                self._save_last(state)
+        state.epoch += 1
+        state.step_in_epoch = 0
+
+    def _seed_step(self, step: int) -> None:
+        """Seed every generator a step may draw from with a function of (seed, rank, step)."""
+        seed = int(np.random.SeedSequence([self.config.seed, self.context.rank, step]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would also queue every idle backend
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)  # the current device's generator
+
+    def _end_epoch(self, state: TrainState) -> None:
+        metrics = self._evaluate_on_main("valid")
+        monitor = self.config.monitor or next(iter(metrics))
+        if monitor not in metrics:
+            raise KeyError(f"train: monitor {monitor!r} is not among the validation metrics {sorted(metrics)}")
+        value = metrics[monitor]
+        improved = state.best_value is None or self._better(value, state.best_value)
+        if improved:
+            state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+            if self.context.is_main:
+                best = {"epoch": state.epoch, "step": state.global_step, "monitor": monitor, "metrics": metrics}
+                save_checkpoint(self.best_dir, self.model, best)
+        else:
+            state.bad_epochs += 1
+            state.stopped = self.config.patience is not None and state.bad_epochs >= self.config.patience
+        self._log({"event": "eval", "epoch": state.epoch, "step": state.global_step, "improved": improved, **metrics})
+        mark = " (best)" if improved else (" - early stop" if state.stopped else "")
+        self.console.print(f"epoch {state.epoch}: {monitor} {value:.5f}{mark}")
+        self._save_last(state)
+
+    def _better(self, value: float, best: float) -> bool:
+        if math.isnan(value):
+            return False
+        if math.isnan(best):
+            return True
+        return value > best if self.config.mode == "max" else value < best
+
+    # --- checkpoints and logs ------------------------------------------------------------------
+    def _save_last(self, state: TrainState) -> None:
+        if not self.context.is_main:
+            return
+        state.log_bytes = self.log_path.stat().st_size if self.log_path.exists() else 0
+        payload = {
+            "train": dataclasses.asdict(state),
+            "config": dataclasses.asdict(self.config),
+            "world_size": self.context.world_size,
+        }
+        save_checkpoint(self.last_dir, self.model, payload, self.optimizers.state_dict())
+
+    def _resume(self) -> TrainState | None:
+        found = find_checkpoint(self.last_dir)
+        if found is None:
+            return None
+        saved, optimizer_state = load_checkpoint(found, self.model)
+        changed = {
+            name: (saved["config"][name], getattr(self.config, name))
+            for name in _TRAJECTORY
+            if saved["config"][name] != getattr(self.config, name)
+        }
+        if saved["world_size"] != self.context.world_size:
+            changed["world_size"] = (saved["world_size"], self.context.world_size)
+        if changed:
+            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"{found}: cannot resume with changed settings ({detail})")
+        self.optimizers.load_state_dict(optimizer_state)
+        state = TrainState(**saved["train"])
+        if self.context.is_main and self.log_path.exists():
+            with self.log_path.open("r+b") as log:  # drop what was logged after the checkpoint
+                log.truncate(state.log_bytes)
+        distributed.barrier(self.context)  # every rank has read last/ before rank 0 replaces it
+        return state
+
+    def _clear_outputs(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("last", "best"):
+            for suffix in ("", ".tmp", ".old"):
+                shutil.rmtree(self.out_dir / f"{name}{suffix}", ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
+
+    def _log(self, record: dict) -> None:
+        if self.context.is_main:
+            with self.log_path.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def _evaluate_on_main(self, split: str) -> dict[str, float]:
+        metrics = self.evaluate(split) if self.context.is_main else None
+        return distributed.broadcast_json(metrics, self.context)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the model on ``split`` ("train", "valid" or "test"), keyed ``<split>_<metric>``."""
+        view = self.store.split(split)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                if self.model.task == "retrieval":
+                    metrics = self._retrieval_metrics(view)
+                else:
+                    metrics = self._ranking_metrics(view)
+        finally:
+            self.model.train(was_training)
+        return {f"{split}_{name}": value for name, value in metrics.items()}
+
+    def _ranking_metrics(self, view: SplitView) -> dict[str, float]:
+        predictions: dict[str, list[Tensor]] = defaultdict(list)
+        labels: dict[str, list[Tensor]] = defaultdict(list)
+        groups: list[Tensor] = []
+        for batch in view.batches(self.config.eval_batch_size):
+            for name, prob in self.model.predict(self.model(batch.to(self.device))).items():
+                predictions[name].append(prob.float().cpu())
+            for name, label in batch.labels.items():
+                labels[name].append(label)
+            if batch.group is not None:
+                groups.append(batch.group)
+        probs = {name: torch.cat(parts) for name, parts in predictions.items()}
+        targets = _targets(probs, {name: torch.cat(parts) for name, parts in labels.items()})
+        return classification_report(targets, probs, torch.cat(groups) if groups else None)
+
+    def _retrieval_metrics(self, view: SplitView) -> dict[str, float]:
+        item_feature = getattr(self.model.config, "item_feature", None)
+        if item_feature is None:
+            raise AttributeError(
+                f"{type(self.model).__name__}: a retrieval model names its item column in config.item_feature"
+            )
+        user_vectors = torch.cat(
+            [self.model.user_embedding(batch.to(self.device)) for batch in view.batches(self.config.eval_batch_size)]
+        )
+        item_vectors = self.model.item_embeddings()
+        exclude_ptr = exclude_idx = None
+        user = self.store.schema.user
+        if user is not None:
+            train = self.store.split("train")
+            ptr, idx = seen_items(train.column(user), train.column(item_feature), view.column(user))
+            exclude_ptr, exclude_idx = torch.from_numpy(ptr), torch.from_numpy(idx)
+        return full_ranking_metrics(
+            user_vectors,
+            item_vectors,
+            torch.from_numpy(view.column(item_feature).astype(np.int64)),
+            exclude_ptr,
+            exclude_idx,
+            ks=RETRIEVAL_KS,
+            batch_size=max(1, _SCORE_BLOCK // len(item_vectors)),
+            excluded_item_ids=(PAD, OOV),
+        )
+
+
+def _targets(predicted: Iterable[str], labels: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The label each prediction is scored against (see the module docstring)."""
+    targets = {name: labels[name] for name in predicted if name in labels}
+    if CTCVR in predicted and CTCVR not in labels and targets:
+        targets[CTCVR] = torch.stack(list(targets.values())).prod(0)
+    return targets
+
+
+def seen_items(
+    train_users: np.ndarray, train_items: np.ndarray, query_users: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, its user's items in the train split, as CSR ``(ptr [Q + 1], idx)``."""
+    train_users = train_users.astype(np.int64)
+    query_users = query_users.astype(np.int64)
+    items_by_user = train_items.astype(np.int64)[np.argsort(train_users, kind="stable")]
+    num_users = int(max(train_users.max(initial=-1), query_users.max(initial=-1))) + 1
+    counts = np.bincount(train_users, minlength=num_users)
+    user_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    lengths = counts[query_users]
+    ptr = np.zeros(len(query_users) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=ptr[1:])
+    idx = items_by_user[np.repeat(user_start[query_users] - ptr[:-1], lengths) + np.arange(ptr[-1])]
+    return ptr, idx
+
+
+class _LossWindow:
+    """Mean loss, loss parts and throughput since the last flush."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss: Tensor | float = 0.0
+        self.parts: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: Tensor, parts: dict[str, float], samples: int) -> None:
+        self.loss = self.loss + loss  # stays on the device: no synchronisation per step
+        for name, value in parts.items():
+            self.parts[name] += value
+        self.steps += 1
+        self.samples += samples
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        record = {
+            "loss": float(self.loss) / self.steps,
+            **{f"loss_{name}": total / self.steps for name, total in self.parts.items()},
+            "samples_per_s": self.samples / elapsed,
+        }
+        self._reset()
+        return record

@@ -1,0 +1,360 @@
+"""Baseline models and their layers on a tiny hand-made schema and random batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from recforge.data.batch import Batch
+from recforge.data.schema import Feature, Kind, Schema
+from recforge.models import Model, build_model, registered
+from recforge.nn.attention import TargetAttention
+from recforge.nn.experts import MixtureOfExperts
+from recforge.nn.interaction import CrossNetV2, FMInteraction
+from recforge.nn.mlp import MLP
+
+N_USERS, N_ITEMS, N_CATEGORIES, N_GENRES = 50, 100, 8, 10  # ids 2 .. N + 1; 0 = pad, 1 = OOV
+HIST_LEN, GENRES_LEN = 8, 4
+RANKERS = [name for name, cls in registered().items() if cls.task == "ranking"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The tensors here are tiny: intra-op threads cost more than they give (and contend on CI)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    schema = Schema(
+        features=[
+            Feature(name="user_id", kind=Kind.CATEGORICAL),
+            Feature(name="item_id", kind=Kind.CATEGORICAL),
+            Feature(name="category", kind=Kind.CATEGORICAL),
+            Feature(name="age", kind=Kind.NUMERIC),
+            Feature(name="price", kind=Kind.NUMERIC),
+            Feature(name="genres", kind=Kind.SEQUENCE, vocab="genre", max_len=GENRES_LEN),
+            Feature(name="hist_item_id", kind=Kind.SEQUENCE, timeline="item_id", max_len=HIST_LEN),
+        ],
+        labels=["click", "conversion"],
+        user="user_id",
+        time="ts",
+    )
+    schema.vocab_sizes = {
+        "user_id": N_USERS + 2,
+        "item_id": N_ITEMS + 2,
+        "category": N_CATEGORIES + 2,
+        "genre": N_GENRES + 2,
+    }
+    return schema
+
+
+def right_aligned(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Keep the last ``lengths[b]`` ids of each row, zero (pad) the rest."""
+    positions = torch.arange(ids.shape[1])
+    return ids * (positions >= ids.shape[1] - lengths[:, None])
+
+
+def in_group(item: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Move each item id to a nearby id with ``id % 4 == group``, staying in 2 .. N_ITEMS + 1."""
+    return 2 + ((item - 2) // 4) * 4 + (group - 2) % 4
+
+
+def make_batch(n: int, seed: int, rule: str = "additive") -> Batch:
+    """Random rows with labels from a planted rule.
+
+    - ``additive``: click depends on item parity and ``age``; conversion (only after a click) on ``price``.
+    - ``history``: the history's items all come from one of 4 groups; click iff the target's group matches.
+    - ``retrieval``: the user's group (user % 4) picks the item and the history (every row a positive).
+    """
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randint(2, N_USERS + 2, (n,), generator=g)
+    item = torch.randint(2, N_ITEMS + 2, (n,), generator=g)
+    hist_group = torch.randint(0, 4, (n,), generator=g)
+    if rule == "retrieval":
+        hist_group = user % 4
+        item = in_group(item, hist_group)
+    hist = in_group(torch.randint(2, N_ITEMS + 2, (n, HIST_LEN), generator=g), hist_group[:, None])
+    hist = right_aligned(hist, torch.randint(1, HIST_LEN + 1, (n,), generator=g))
+    genres = torch.randint(2, N_GENRES + 2, (n, GENRES_LEN), generator=g)
+    genres = right_aligned(genres, torch.randint(1, GENRES_LEN + 1, (n,), generator=g))
+    numeric = torch.randn(n, 2, generator=g)
+    category = 2 + item % N_CATEGORIES
+    if rule == "history":
+        click_logit = 3.0 * torch.where(item % 4 == hist[:, -1] % 4, 1.0, -1.0)
+    else:
+        click_logit = 3.0 * torch.where(item % 2 == 0, 1.0, -1.0) + 1.5 * numeric[:, 0]
+    click = torch.bernoulli(torch.sigmoid(click_logit), generator=g)
+    conversion = click * torch.bernoulli(torch.sigmoid(3.0 * numeric[:, 1]), generator=g)
+    return Batch(
+        categorical=torch.stack([user, item, category], 1),
+        numeric=numeric,
+        sequences={"genres": genres, "hist_item_id": hist},
+        labels={"click": click, "conversion": conversion},
+        group=user,
+    )
+
+
+def split_optimisers(model: nn.Module, lr: float = 1e-2) -> list[torch.optim.Optimizer]:
+    """SparseAdam for the sparse embedding tables, Adam for the rest (as the trainer does)."""
+    sparse = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)]
+
+
+def train(model: Model, data: Batch, steps: int, batch_size: int = 256, seed: int = 0) -> list[float]:
+    torch.manual_seed(seed)
+    optimisers = split_optimisers(model)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (batch_size,), generator=g)
+        batch = Batch(
+            categorical=data.categorical[idx],
+            numeric=data.numeric[idx],
+            sequences={k: v[idx] for k, v in data.sequences.items()},
+            labels={k: v[idx] for k, v in data.labels.items()},
+        )
+        loss, _ = model.loss(model(batch), batch)
+        for opt in optimisers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in optimisers:
+            opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# --- every registered model --------------------------------------------------------------
+
+
+def test_registry_has_the_baselines():
+    assert {"lr", "fm", "deepfm", "dcnv2", "din", "esmm", "mmoe", "two_tower"} <= set(registered())
+
+
+@pytest.mark.parametrize("name", sorted(registered()))
+def test_forward_loss_backward_sparse(schema, name):
+    torch.manual_seed(0)
+    model = build_model(name, schema)
+    batch = make_batch(32, seed=1)
+    outputs = model(batch)
+    if model.task == "retrieval":
+        assert outputs["user"].shape == outputs["item"].shape == (32, model.config.out_dim)
+    else:
+        assert set(outputs) & set(schema.labels)
+        for label in schema.labels:
+            if label in outputs:
+                assert outputs[label].shape == (32,)
+        probs = model.predict(outputs)
+        assert all(((p >= 0) & (p <= 1)).all() for p in probs.values())
+    loss, parts = model.loss(outputs, batch)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert parts and all(math.isfinite(v) for v in parts.values())
+    loss.backward()
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    assert tables and all(t.sparse and t.weight.grad is not None and t.weight.grad.is_sparse for t in tables)
+    dense = [p for n, p in model.named_parameters() if "table" not in n]
+    assert all(p.grad is not None for p in dense), [n for n, p in model.named_parameters() if p.grad is None]
+
+
+def test_build_model_rejects_unknown_config_keys(schema):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        build_model("deepfm", schema, {"hiden": [64]})
+    model = build_model("dcnv2", schema, {"structure": "parallel", "cross_rank": 4, "hidden": [32]})
+    assert model(make_batch(8, seed=0))["click"].shape == (8,)
+
+
+@pytest.mark.parametrize("name", RANKERS)
+def test_learns_planted_rule(schema, name):
+    model = build_model(name, schema)
+    losses = train(model, make_batch(4000, seed=2), steps=150)
+    assert sum(losses[-20:]) < 0.75 * sum(losses[:20]), (losses[:3], losses[-3:])
+    test = make_batch(2000, seed=3)
+    model.eval()
+    with torch.inference_mode():
+        probs = model.predict(model(test))
+    assert roc_auc_score(test.labels["click"], probs["click"]) > 0.7
+    if "ctcvr" in probs:
+        ctcvr = test.labels["click"] * test.labels["conversion"]
+        assert roc_auc_score(ctcvr, probs["ctcvr"]) > 0.7
+
+
+# --- layers --------------------------------------------------------------------------------
+
+
+def test_fm_interaction_is_the_sum_of_pairwise_products():
+    x = torch.randn(3, 5, 4)
+    brute = sum((x[:, i] * x[:, j]).sum(-1) for i in range(5) for j in range(i + 1, 5))
+    torch.testing.assert_close(FMInteraction()(x), brute)
+
+
+def test_cross_net_v2_layer_formula():
+    net = CrossNetV2(6, num_layers=1)
+    x0 = torch.randn(4, 6)
+    torch.testing.assert_close(net(x0), x0 * net.layers[0](x0) + x0)
+    assert CrossNetV2(6, num_layers=2, rank=2)(x0).shape == (4, 6)
+
+
+def test_mlp_handles_leading_dims_with_batch_norm_and_dice():
+    mlp = MLP(8, [16, 4], dropout=0.1, activation="dice", batch_norm=True, out_dim=1)
+    assert mlp(torch.randn(5, 7, 8)).shape == (5, 7, 1)
+    assert MLP(8, [4], activation="dice")(torch.randn(1, 8)).shape == (1, 4)  # one-row training batch
+    with pytest.raises(ValueError, match="unknown activation"):
+        MLP(8, [4], activation="nope")
+
+
+def test_mixture_of_experts_one_output_per_task():
+    moe = MixtureOfExperts(10, num_experts=3, num_tasks=2, hidden=[8])
+    outs = moe(torch.randn(4, 10))
+    assert len(outs) == 2 and all(o.shape == (4, 8) for o in outs)
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_target_attention_masks_padding(softmax):
+    torch.manual_seed(0)
+    att = TargetAttention(4, hidden=[8], softmax=softmax)
+    history, target = torch.randn(3, 5, 4), torch.randn(3, 4)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    w = att.weights(history, target, mask)
+    assert (w[~mask] == 0).all()
+    if softmax:
+        torch.testing.assert_close(w[:2].sum(1), torch.ones(2))
+    noisy = torch.where(mask.unsqueeze(-1), history, torch.randn(3, 5, 4) * 10)
+    torch.testing.assert_close(att(noisy, target, mask), att(history, target, mask))
+    assert (att(history, target, mask)[2] == 0).all()  # no history -> zero interest, no NaN
+
+
+# --- DIN -----------------------------------------------------------------------------------
+
+
+def test_din_ignores_history_padding(schema):
+    torch.manual_seed(0)
+    model = build_model("din", schema)
+    batch = make_batch(16, seed=4)
+    longer = Batch(
+        categorical=batch.categorical,
+        numeric=batch.numeric,
+        sequences={**batch.sequences, "hist_item_id": F.pad(batch.sequences["hist_item_id"], (6, 0))},
+    )
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            before = model(batch)["click"]
+            torch.testing.assert_close(model(longer)["click"], before)  # more left padding
+            pad_row = model.embedding.vocab_offset["item_id"]
+            model.embedding.table.weight[pad_row] = torch.randn(model.config.embedding_dim)  # the padding id's row
+            torch.testing.assert_close(model(batch)["click"], before)
+
+
+def test_din_learns_from_history(schema):
+    model = build_model("din", schema)
+    train(model, make_batch(4000, seed=5, rule="history"), steps=200)
+    test = make_batch(2000, seed=6, rule="history")
+    model.eval()
+    with torch.inference_mode():
+        p = model.predict(model(test))["click"]
+    assert roc_auc_score(test.labels["click"], p) > 0.7
+
+
+# --- multi-task ----------------------------------------------------------------------------
+
+
+def test_esmm_ctcvr_is_the_product_and_loss_is_entire_space(schema):
+    torch.manual_seed(0)
+    model = build_model("esmm", schema)
+    batch = make_batch(64, seed=7)
+    outputs = model(batch)
+    probs = model.predict(outputs)
+    torch.testing.assert_close(probs["ctcvr"], probs["click"] * probs["conversion"])
+    loss, parts = model.loss(outputs, batch)
+    assert set(parts) == {"click", "ctcvr"}  # no direct CVR term
+    click, conversion = batch.labels["click"], batch.labels["conversion"]
+    expected = F.binary_cross_entropy(probs["click"], click)
+    expected = expected + F.binary_cross_entropy(probs["ctcvr"], click * conversion)
+    torch.testing.assert_close(loss, expected)
+    # a conversion logged on an unclicked exposure is not a positive of any loss term
+    relabelled = Batch(
+        batch.categorical,
+        batch.numeric,
+        batch.sequences,
+        labels={"click": click, "conversion": torch.where(click == 0, 1.0, conversion)},
+    )
+    torch.testing.assert_close(model.loss(outputs, relabelled)[0], loss)
+
+
+def test_mmoe_ctcvr_is_the_conversion_tower(schema):
+    model = build_model("mmoe", schema)
+    probs = model.predict(model(make_batch(16, seed=8)))
+    assert set(probs) == {"click", "conversion", "ctcvr"}
+    torch.testing.assert_close(probs["ctcvr"], probs["conversion"])
+    only_click = build_model("mmoe", schema, {"labels": ["click"]})
+    assert set(only_click.predict(only_click(make_batch(16, seed=8)))) == {"click"}
+
+
+# --- two-tower -----------------------------------------------------------------------------
+
+
+def test_frequency_estimator_tracks_intervals(schema):
+    model = build_model("two_tower", schema, {"frequency_alpha": 0.1})
+    freq = model.frequency
+    for step in range(400):
+        freq.update(torch.tensor([5, 5, 7] if step % 4 == 0 else [5]))
+    lp = freq.log_prob(torch.tensor([5, 7, 9]))
+    torch.testing.assert_close(lp[:2], torch.tensor([0.0, -math.log(4)]), atol=0.05, rtol=0)
+    assert lp[2] == 0  # never seen: B = 0, clamped to 1
+
+
+def test_two_tower_logq_correction_and_duplicate_mask(schema):
+    torch.manual_seed(0)
+    model = build_model("two_tower", schema, {"frequency_alpha": 0.5})
+    model.train()
+    for seed in range(20):  # items first seen at different steps get different estimates
+        model(make_batch(8, seed=seed))
+    batch = make_batch(6, seed=9)
+    batch.categorical[:, 1] = torch.tensor([5, 5, 7, 8, 9, 5])
+    outputs = model(batch)
+    logits = model.logits(outputs, batch)
+    raw = outputs["user"] @ outputs["item"].T / model.config.temperature
+    items = batch.categorical[:, 1]
+    duplicate = (items[:, None] == items[None, :]) & ~torch.eye(6, dtype=torch.bool)
+    assert torch.isneginf(logits[duplicate]).all() and duplicate.sum() == 6
+    log_q = model.frequency.log_prob(items)
+    assert log_q.std() > 0
+    torch.testing.assert_close((logits - raw)[~duplicate], (-log_q).expand(6, 6)[~duplicate])
+    loss, _ = model.loss(outputs, batch)
+    assert torch.isfinite(loss)
+
+
+def test_two_tower_eval_does_not_update_frequencies_and_embeds_all_items(schema):
+    model = build_model("two_tower", schema).eval()
+    before = {k: v.clone() for k, v in model.frequency.state_dict().items()}
+    model(make_batch(8, seed=0))
+    assert all(torch.equal(before[k], v) for k, v in model.frequency.state_dict().items())
+    items = model.item_embeddings()
+    assert items.shape == (schema.vocab_size("item_id"), model.config.out_dim)
+    torch.testing.assert_close(items.norm(dim=-1), torch.ones(len(items)))
+    batch = make_batch(4, seed=0)
+    torch.testing.assert_close(items[batch.categorical[:, 1]], model(batch)["item"])  # row i = id i
+    assert model.user_embedding(batch).shape == (4, model.config.out_dim)
+
+
+def test_two_tower_learns_user_groups(schema):
+    model = build_model("two_tower", schema)
+    losses = train(model, make_batch(4000, seed=10, rule="retrieval"), steps=150, batch_size=128)
+    assert sum(losses[-20:]) < 0.9 * sum(losses[:20])
+    test = make_batch(500, seed=11, rule="retrieval")
+    model.eval()
+    with torch.inference_mode():
+        scores = model.user_embedding(test) @ model.item_embeddings()[2:].T  # [N, items]
+    relevant = (torch.arange(2, N_ITEMS + 2)[None, :] % 4) == (test.categorical[:, :1] % 4)
+    assert roc_auc_score(relevant.flatten(), scores.flatten()) > 0.7
