@@ -232,7 +232,7 @@ def _distributed_run(store_path: str, out_dir: str) -> None:
         restore_best(directory, model)
 
     trainer_module.load_weights = save_then_restore
-    Trainer(small_model(store), store, small_config(epochs=2, checkpoint_every_steps=0), out_dir).fit()
+    Trainer(small_model(store), store, small_config(epochs=3, lr=3e-3, checkpoint_every_steps=0), out_dir).fit()
 
 
 if __name__ == "__main__":

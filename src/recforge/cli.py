@@ -52,6 +52,7 @@ def _table(title: str, metrics: dict) -> Table:
 def quickstart(
     data: Annotated[str, typer.Option(help="synthetic (generated, no files needed) or movielens-1m")] = "synthetic",
     out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/quickstart"),
+    rows: Annotated[Optional[int], typer.Option(help="rows of the generated log (synthetic only)")] = None,
 ) -> None:
     """Train DeepFM on a generated industrial-style log (or MovieLens-1M) and print its metrics."""
     from recforge.experiment import run
@@ -59,6 +60,10 @@ def quickstart(
     if data not in QUICKSTART:
         _fail(ValueError(f"--data must be one of {sorted(QUICKSTART)}"))
     config = ExperimentConfig.model_validate(QUICKSTART[data])
+    if rows is not None:
+        if data != "synthetic":
+            _fail(ValueError("--rows sets the size of the generated log; it applies to --data synthetic"))
+        config.data.options["n_rows"] = rows
     try:
         metrics = run(config, out / data, store_root=STORE_ROOT)
     except (ValueError, FileNotFoundError) as err:

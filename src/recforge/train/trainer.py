@@ -393,16 +393,18 @@ class Trainer:
             train = self.store.split("train")
             ptr, idx = seen_items(train.column(user), train.column(item_feature), view.column(user))
             exclude_ptr, exclude_idx = torch.from_numpy(ptr), torch.from_numpy(idx)
-        return full_ranking_metrics(
-            user_vectors,
-            item_vectors,
-            torch.from_numpy(view.column(item_feature).astype(np.int64)),
-            exclude_ptr,
-            exclude_idx,
-            ks=RETRIEVAL_KS,
-            batch_size=max(1, _SCORE_BLOCK // len(item_vectors)),
-            excluded_item_ids=(PAD, OOV),
-        )
+        targets = torch.from_numpy(view.column(item_feature).astype(np.int64))
+
+        def rank(users: Tensor, items: Tensor) -> dict[str, float]:
+            return full_ranking_metrics(
+                users, items, targets, exclude_ptr, exclude_idx, ks=RETRIEVAL_KS,
+                batch_size=max(1, _SCORE_BLOCK // len(items)), excluded_item_ids=(PAD, OOV),
+            )  # fmt: skip
+
+        # the most-popular reference under the same protocol: every user gets the train counts
+        counts = np.bincount(self.store.split("train").column(item_feature), minlength=len(item_vectors))
+        popular = rank(torch.ones(len(targets), 1), torch.from_numpy(counts.astype(np.float32))[:, None])
+        return rank(user_vectors, item_vectors) | {f"popular_{k}": v for k, v in popular.items()}
 
 
 def _targets(predicted: Iterable[str], labels: dict[str, Tensor]) -> dict[str, Tensor]:

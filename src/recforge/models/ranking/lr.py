@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from recforge.data.batch import Batch
@@ -27,12 +28,13 @@ class FirstOrder(nn.Module):
     def __init__(self, schema: Schema) -> None:
         super().__init__()
         self.weights = FeatureEmbedding(schema, 1)
-        self.numeric = nn.Linear(len(schema.numeric), 1)  # its bias is the global bias b
+        self.numeric = nn.Parameter(torch.zeros(len(schema.numeric)))  # w_num
+        self.bias = nn.Parameter(torch.zeros(()))  # b
 
     def forward(self, batch: Batch) -> Tensor:
         ids = self.weights.fields(batch).sum((1, 2))  # [B, F, 1] -> [B]
         lists = self.weights.pooled_sequences(batch).sum((1, 2))  # [B, S, 1] -> [B]
-        return ids + lists + self.numeric(batch.numeric).squeeze(-1)  # [B]
+        return ids + lists + batch.numeric @ self.numeric + self.bias  # [B]
 
 
 @dataclass
