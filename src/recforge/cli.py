@@ -63,7 +63,8 @@ def quickstart(
     if rows is not None:
         if data != "synthetic":
             _fail(ValueError("--rows sets the size of the generated log; it applies to --data synthetic"))
-        config.data.options["n_rows"] = rows
+        # keep the default log's density: 30 rows per user, 60 per item
+        config.data.options.update(n_rows=rows, n_users=max(rows // 30, 10), n_items=max(rows // 60, 10))
     try:
         metrics = run(config, out / data, store_root=STORE_ROOT)
     except (ValueError, FileNotFoundError) as err:
