@@ -64,7 +64,9 @@ def quickstart(
         if data != "synthetic":
             _fail(ValueError("--rows sets the size of the generated log; it applies to --data synthetic"))
         # keep the default log's density: 30 rows per user, 60 per item
+        # keep the default log's density (30 rows per user, 60 per item) and ~100 steps an epoch
         config.data.options.update(n_rows=rows, n_users=max(rows // 30, 10), n_items=max(rows // 60, 10))
+        config.train["batch_size"] = int(min(max(rows // 100, 128), 4096))
     try:
         metrics = run(config, out / data, store_root=STORE_ROOT)
     except (ValueError, FileNotFoundError) as err:

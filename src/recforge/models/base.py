@@ -41,6 +41,13 @@ class Model(nn.Module):
         self.schema = schema
         self.config = config
 
+    def label_to_predict(self, label: str | None) -> str:
+        """The label a single-task model predicts: ``label``, or the schema's first label."""
+        label = label or self.schema.labels[0]
+        if label not in self.schema.labels:
+            raise ValueError(f"{type(self).__name__}: label {label!r} is not one of the schema's labels {self.schema.labels}")
+        return label
+
     def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Default: binary cross-entropy summed over every label the model predicts."""
         parts: dict[str, Tensor] = {}

@@ -47,9 +47,7 @@ class DCNV2(Model):
         super().__init__(schema, config)
         if config.structure not in ("stacked", "parallel"):
             raise ValueError(f"dcnv2: structure must be 'stacked' or 'parallel', not {config.structure!r}")
-        self.label = config.label or schema.labels[0]
-        if self.label not in schema.labels:
-            raise ValueError(f"dcnv2: label {self.label!r} is not one of the schema's labels {schema.labels}")
+        self.label = self.label_to_predict(config.label)
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         d0 = (len(schema.categorical) + len(schema.sequences)) * config.embedding_dim + len(schema.numeric)
         self.cross = CrossNetV2(d0, config.cross_layers, config.cross_rank)

@@ -43,9 +43,7 @@ class DeepFM(Model):
 
     def __init__(self, schema: Schema, config: DeepFMConfig) -> None:
         super().__init__(schema, config)
-        self.label = config.label or schema.labels[0]
-        if self.label not in schema.labels:
-            raise ValueError(f"deepfm: label {self.label!r} is not one of the schema's labels {schema.labels}")
+        self.label = self.label_to_predict(config.label)
         d = config.embedding_dim
         self.linear = FirstOrder(schema)
         self.embedding = FeatureEmbedding(schema, d)

@@ -52,9 +52,7 @@ class DIN(Model):
 
     def __init__(self, schema: Schema, config: DINConfig) -> None:
         super().__init__(schema, config)
-        self.label = config.label or schema.labels[0]
-        if self.label not in schema.labels:
-            raise ValueError(f"din: label {self.label!r} is not one of the schema's labels {schema.labels}")
+        self.label = self.label_to_predict(config.label)
         history, target = schema.feature(config.history), schema.feature(config.target)
         if history.kind is not Kind.SEQUENCE or target.kind is not Kind.CATEGORICAL or history.vocab != target.vocab:
             raise ValueError(

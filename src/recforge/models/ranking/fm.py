@@ -38,9 +38,7 @@ class FM(Model):
 
     def __init__(self, schema: Schema, config: FMConfig) -> None:
         super().__init__(schema, config)
-        self.label = config.label or schema.labels[0]
-        if self.label not in schema.labels:
-            raise ValueError(f"fm: label {self.label!r} is not one of the schema's labels {schema.labels}")
+        self.label = self.label_to_predict(config.label)
         self.linear = FirstOrder(schema)
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         self.numeric_factors = nn.Parameter(torch.randn(len(schema.numeric), config.embedding_dim) * 1e-2)

@@ -48,9 +48,7 @@ class LogisticRegression(Model):
 
     def __init__(self, schema: Schema, config: LRConfig) -> None:
         super().__init__(schema, config)
-        self.label = config.label or schema.labels[0]
-        if self.label not in schema.labels:
-            raise ValueError(f"lr: label {self.label!r} is not one of the schema's labels {schema.labels}")
+        self.label = self.label_to_predict(config.label)
         self.linear = FirstOrder(schema)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
