@@ -118,3 +118,17 @@ def test_deepfm_learns_movielens_100k(workdir, real_data):
 def test_cli_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "recforge", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "quickstart" in done.stdout
+
+
+@pytest.mark.real_data
+def test_two_tower_beats_most_popular_on_beauty(workdir, real_data):
+    real_data("amazon-sequential-s3rec")
+    result = runner.invoke(
+        app,
+        ["train", str(Path(__file__).parents[1] / "configs/baselines/beauty_two_tower.yaml"), "--out", "run",
+         "--set", "train.epochs=3", "--set", "train.quiet=true"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((workdir / "run" / "metrics.json").read_text())
+    for metric in ("recall@10", "ndcg@10"):
+        assert metrics[f"test_{metric}"] > 1.5 * metrics[f"test_popular_{metric}"]

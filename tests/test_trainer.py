@@ -176,6 +176,20 @@ def test_evaluation_follows_the_model_task(store, tmp_path, name, params, expect
     assert all(0.0 <= results[k] <= 1.0 for k in expected)
 
 
+def test_popular_reference_ranks_items_by_train_count(store, tmp_path):
+    seed_everything(0)
+    model = build_model("two_tower", store.schema, {"hidden": [16], "out_dim": 8})
+    metrics = Trainer(model, store, small_config(epochs=1), tmp_path).evaluate("test")
+    train, test = store.split("train"), store.split("test")
+    counts = np.bincount(train.column("item_id"), minlength=store.schema.vocab_size("item_id"))
+    hits = []  # naive reference: for each test row, the top 10 unseen items by count (ties: lower id)
+    for user, target in zip(test.column("user_id"), test.column("item_id")):
+        seen = set(train.column("item_id")[train.column("user_id") == user]) - {target}
+        ranked = [i for i in np.lexsort((np.arange(len(counts)), -counts)) if i > 1 and i not in seen]
+        hits.append(target in ranked[:10])
+    assert metrics["test_popular_hr@10"] == pytest.approx(np.mean(hits), abs=1e-9)
+
+
 def test_seen_items_lists_each_query_users_train_items():
     train_users = np.array([5, 2, 5, 3, 5])
     train_items = np.array([10, 11, 12, 13, 14])
