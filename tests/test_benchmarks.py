@@ -1,0 +1,30 @@
+"""Smoke test: every benchmark script runs at --quick sizes and writes its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("name", ["speed_metrics", "speed_din"])
+def test_benchmark_quick(name: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RECFORGE_DATA"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(tmp_path)],
+        env=env, timeout=60, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["rows"] and all("name" in row and "ratio" in row for row in result["rows"])
+    assert {"device", "threads", "meta"} <= result.keys()
+    assert (tmp_path / f"{name}.md").exists() and (tmp_path / f"{name}.png").exists()
