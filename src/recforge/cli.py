@@ -18,18 +18,19 @@ console = Console()
 
 STORE_ROOT = Path("runs/stores")
 
+_QUICKSTART_TRAIN = {"epochs": 2, "batch_size": 4096, "lr": 0.002, "monitor": "valid_click_auc"}
 QUICKSTART = {
     "synthetic": {
         "name": "quickstart_synthetic_deepfm",
         "data": {"source": "synthetic", "options": {"n_rows": 300_000, "seed": 0}, "split": {"kind": "random", "seed": 0}},
         "model": {"name": "deepfm", "params": {}},
-        "train": {"epochs": 2, "batch_size": 4096, "lr": 0.002, "monitor": "valid_click_auc"},
+        "train": _QUICKSTART_TRAIN,
     },
     "movielens-1m": {
         "name": "quickstart_movielens1m_deepfm",
         "data": {"source": "movielens-1m", "options": {"history_len": 0}, "split": {"kind": "random", "seed": 42}},
         "model": {"name": "deepfm", "params": {}},
-        "train": {"epochs": 2, "batch_size": 4096, "lr": 0.002, "monitor": "valid_click_auc"},
+        "train": _QUICKSTART_TRAIN,
     },
 }
 
@@ -63,7 +64,6 @@ def quickstart(
     if rows is not None:
         if data != "synthetic":
             _fail(ValueError("--rows sets the size of the generated log; it applies to --data synthetic"))
-        # keep the default log's density: 30 rows per user, 60 per item
         # keep the default log's density (30 rows per user, 60 per item) and ~100 steps an epoch
         config.data.options.update(n_rows=rows, n_users=max(rows // 30, 10), n_items=max(rows // 60, 10))
         config.train["batch_size"] = int(min(max(rows // 100, 128), 4096))
@@ -133,8 +133,6 @@ def models() -> None:
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in dataclasses.fields(cls.config_class)}
         table.add_row(name, cls.task, json.dumps(defaults))
     console.print(table)
-
-
 
 
 if __name__ == "__main__":

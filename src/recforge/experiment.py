@@ -36,9 +36,10 @@ def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: P
     if context.is_main:  # one process encodes the data; the others wait for it
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        prepare_store(config.data, store_root)
+        store = prepare_store(config.data, store_root)
     distributed.barrier(context)
-    store = prepare_store(config.data, store_root)
+    if not context.is_main:
+        store = Store.open(config.data.store_path(store_root))
     train_config = TrainConfig(**config.train)
     seed_everything(train_config.seed)
     model = build_model(config.model.name, store.schema, config.model.params)
