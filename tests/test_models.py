@@ -139,7 +139,7 @@ def train(model: Model, data: Batch, steps: int, batch_size: int = 256, seed: in
 
 
 def test_registry_has_the_baselines():
-    assert {"lr", "fm", "deepfm", "dcnv2", "din", "esmm", "mmoe", "two_tower"} <= set(registered())
+    assert {"lr", "fm", "deepfm", "dnn", "dcnv2", "din", "esmm", "mmoe", "two_tower"} <= set(registered())
 
 
 @pytest.mark.parametrize("name", sorted(registered()))

@@ -1,0 +1,49 @@
+"""DNN: the embedding-and-MLP CTR model, the baseline every deep CTR paper starts from.
+
+As in YouTube-DNN (Covington et al., RecSys 2016) and the "DNN" rows of the CTR papers this
+library implements (GME, MiNet): every field is embedded, the embeddings and numeric features
+are concatenated and fed to an MLP whose output is the logit. A list feature (genres, a
+history) is one field, the mean of its items' embeddings. Chosen defaults: ``embedding_dim=16``,
+``hidden=[256, 128]``, ReLU, ``dropout=0.1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from recforge.data.batch import Batch
+from recforge.data.schema import Schema
+from recforge.models.base import Model, ModelConfig, register
+from recforge.nn.embedding import FeatureEmbedding
+from recforge.nn.mlp import MLP
+
+
+@dataclass
+class DNNConfig(ModelConfig):
+    embedding_dim: int = 16
+    hidden: list[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.1
+    activation: str = "relu"
+    batch_norm: bool = False
+    label: str | None = None  # the label to predict; None = the schema's first label
+
+
+@register("dnn")
+class DNN(Model):
+    config_class = DNNConfig
+
+    def __init__(self, schema: Schema, config: DNNConfig) -> None:
+        super().__init__(schema, config)
+        self.label = self.label_to_predict(config.label)
+        d = config.embedding_dim
+        self.embedding = FeatureEmbedding(schema, d)
+        in_dim = (len(schema.categorical) + len(schema.sequences)) * d + len(schema.numeric)
+        self.deep = MLP(in_dim, config.hidden, config.dropout, config.activation, config.batch_norm, out_dim=1)
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        e = torch.cat([self.embedding.fields(batch), self.embedding.pooled_sequences(batch)], 1)  # [B, F + S, D]
+        x = torch.cat([e.flatten(1), batch.numeric], 1)  # [B, in_dim]
+        return {self.label: self.deep(x).squeeze(-1)}
