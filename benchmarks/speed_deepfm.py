@@ -78,27 +78,23 @@ def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 # --- recforge: the library's normal path ------------------------------------------------------
 def run_recforge(quick: bool) -> Row:
+    """The library's normal path: ``prepare`` into a store, ``build_model`` and ``Trainer.fit`` for
+    one epoch (per-step seeding, progress accounting, validation and a checkpoint included); the
+    train throughput is the one the trainer logs for the epoch."""
     from recforge.data.prepare import prepare
     from recforge.models import build_model
-    from recforge.train.optim import Optimizers
-    from recforge.train.trainer import seed_everything
+    from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
     raw = load_raw(quick)
     with tempfile.TemporaryDirectory() as tmp:
         store = prepare(raw, Path(tmp) / "store", SPLIT)
         seed_everything(0)
         model = build_model("deepfm", store.schema, {"embedding_dim": EMBEDDING_DIM, "hidden": HIDDEN, "dropout": DROPOUT})
-        optimizers = Optimizers(model, lr=LR)
-        train = store.split("train")
-        model.train()
-        samples, start = 0, time.perf_counter()
-        for batch in train.batches(BATCH_SIZE, shuffle=True, seed=0, epoch=0):
-            loss, _ = model.loss(model(batch), batch)
-            optimizers.zero_grad()
-            loss.backward()
-            optimizers.step()
-            samples += len(batch)
-        train_s = time.perf_counter() - start
+        config = TrainConfig(epochs=1, batch_size=BATCH_SIZE, lr=LR, log_every=1 << 30, eval_batch_size=PREDICT_BATCH, quiet=True)
+        trainer = Trainer(model, store, config, Path(tmp) / "run")
+        trainer.fit()
+        log = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        (epoch,) = [r for r in log if r["event"] == "train"]
 
         test = store.split("test")
         model.eval()
@@ -107,7 +103,7 @@ def run_recforge(quick: bool) -> Row:
             probs = torch.cat([model.predict(model(b))["click"] for b in test.batches(PREDICT_BATCH)]).numpy()
         predict_s = time.perf_counter() - start
         labels = test.column("click")
-    return {"train_samples_per_s": samples / train_s, "predict_samples_per_s": len(probs) / predict_s, **scores(labels, probs)}
+    return {"train_samples_per_s": epoch["samples_per_s"], "predict_samples_per_s": len(probs) / predict_s, **scores(labels, probs)}
 
 
 # --- plain PyTorch: a self-contained DeepFM over preloaded tensors ----------------------------
