@@ -129,23 +129,25 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "vocab").mkdir(parents=True)
 
-    # vocabularies: fitted on train values of every feature that uses them
+    # vocabularies: fitted on train values of every feature that uses them; counted and encoded
+    # in the columns' own dtype (strings only where features of one vocabulary differ in dtype),
+    # stored with string values
     encoded: dict[str, pl.Expr] = {}
     for vocab in schema.vocabs:
         users = [f for f in schema.categorical + schema.sequences if f.vocab == vocab and f.timeline is None]
-        values = pl.concat(
-            [_as_str(train[f.name].explode() if f.kind is Kind.SEQUENCE else train[f.name]) for f in users]
-        )
+        parts = [train[f.name].explode() if f.kind is Kind.SEQUENCE else train[f.name] for f in users]
+        if len({part.dtype for part in parts}) > 1:
+            parts = [part.cast(pl.String) for part in parts]
+        values = pl.concat([part.rename("value") for part in parts])
         min_count = max(f.min_count for f in users)
         table = (
             values.value_counts(name="count")
-            .with_columns(pl.col("count").cast(pl.Int64))
+            .with_columns(pl.col("count").cast(pl.Int64), pl.col("value").cast(pl.String).alias("text"))
             .filter(pl.col("count") >= min_count)
-            .sort(["count", values.name], descending=[True, False])
+            .sort(["count", "text"], descending=[True, False])
             .with_columns(pl.int_range(N_RESERVED, pl.len() + N_RESERVED, dtype=pl.Int32).alias("index"))
-            .rename({values.name: "value"})
         )
-        table.write_parquet(tmp / "vocab" / f"{vocab}.parquet")
+        table.select(pl.col("text").alias("value"), "count", "index").write_parquet(tmp / "vocab" / f"{vocab}.parquet")
         schema.vocab_sizes[vocab] = table.height + N_RESERVED
         for f in users:
             col = pl.col(f.name)
@@ -231,12 +233,9 @@ def timeline_view(
     return order, start.astype(np.int64), end.astype(np.int64)
 
 
-def _as_str(series: pl.Series) -> pl.Series:
-    return series.cast(pl.String).rename("value")
-
-
 def _encode(expr: pl.Expr, table: pl.DataFrame) -> pl.Expr:
-    return expr.cast(pl.String).replace_strict(table["value"], table["index"], default=OOV, return_dtype=pl.Int32)
+    """Vocabulary index of each value (OOV for values not in ``table``), in the table's value dtype."""
+    return expr.cast(table["value"].dtype).replace_strict(table["value"], table["index"], default=OOV, return_dtype=pl.Int32)
 
 
 def _embedding_tables(raw: RawDataset, frame: pl.DataFrame, schema: Schema, out: Path) -> pl.DataFrame:
