@@ -48,6 +48,8 @@ _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "amazon-toys": ("amazon_sequential", {"name": "Toys_and_Games"}),
     "lastfm": ("amazon_sequential", {"name": "LastFM"}),
     "synthetic": ("synthetic", {}),
+    "movielens-1m-funnel": ("movielens_funnel", {}),
+    "ali-ccp": ("ali_ccp", {}),
 }
 SOURCES = (*_SOURCES, "file")
 
