@@ -19,13 +19,14 @@ Every exposure also carries the truth of the conversion funnel, for evaluation o
 features): ``p_cvr``, its true post-click conversion probability, and ``would_convert``, the
 conversion it would have had if clicked (``conversion = click * would_convert``).
 
-Selection bias. With ``selection_bias`` set (a number >= 0), the conversion signal is drawn
-independent of the click signal (no shared parts), and the click logit gains
-``selection_bias * z(logit_cvr)``, ``z`` the conversion logit standardised over the rows: at 0
-clicks are independent of conversion intent (clicked rows are a random sample of the
-exposures, as far as conversion goes); the larger it is, the more clicks concentrate on
-exposures that would convert, and the more the clicked rows are a biased sample of the space a
-CVR model is served on. ``None`` keeps the default log described above.
+Selection bias. With ``selection_bias`` set (a number >= 0), the conversion signal gets its own
+user and item vectors, biases and field weights (no shared parts), and the click logit gains
+``selection_bias * z(logit_cvr)``, ``z`` the conversion logit standardised over the rows. At 0
+the click logit has no conversion term: the two share only the frequency scale of the ids and
+the domain's interaction scale, which leaves a weak dependence (correlation of p_click and p_cvr
+about 0.1; clicked rows have a 10-15% higher mean p_cvr). The larger the knob, the more clicks
+concentrate on exposures that would convert, and the more the clicked rows are a biased sample
+of the space a CVR model is served on. ``None`` keeps the default log described above.
 
 The per-id parameters (vectors, biases, field weights) are hashes of ``seed`` and the id, and
 the other parameters depend on ``seed`` only. Each part of a logit is rescaled to a fixed
@@ -149,7 +150,9 @@ def generate(
     mix = np.sqrt(1 - shared**2)
     v_own = _normal(item, n_items, next(keys), latent_dim) * _shrink(item)[:, None]
     v2 = shared * v + mix * v_own  # [N, K]
-    dot2 = _scaled((u * v2).sum(axis=1), _INTERACTION)
+    own_keys = np.random.default_rng([seed, 3]).integers(0, 2**63, size=2).tolist()
+    u2 = u if selection_bias is None else _normal(user, n_users, own_keys[0], latent_dim) * _shrink(user)[:, None]
+    dot2 = _scaled((u2 * v2).sum(axis=1), _INTERACTION)
     bias_user2 = shared * bias_user + mix * per_id(user, n_users, _BIAS_USER)
     w2 = [
         shared * wf + mix * per_id(x, n, std)
@@ -161,8 +164,7 @@ def generate(
     if selection_bias is None:
         bias_item2 = bias_item
     else:
-        own_key = int(np.random.default_rng([seed, 3]).integers(0, 2**63))
-        bias_item2 = _scaled(_normal(item, n_items, own_key, 1)[:, 0] * _shrink(item), _BIAS_ITEM)
+        bias_item2 = _scaled(_normal(item, n_items, own_keys[1], 1)[:, 0] * _shrink(item), _BIAS_ITEM)
     logit_cvr = (
         bias_user2 + bias_item2 + scale_d[domain] * dot2 + np.sum(w2, axis=0) + lin2
         + bias_d2[domain]
