@@ -64,6 +64,8 @@ class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    title: str = "Entire-space CVR: ChorusCVR against ESMM, ESCM2 and DCMT"
+    focus: str = "ChorusCVR"  # the model whose paired differences to the others are reported
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     models: list[StudyModel]
     sources: list[StudySource]
@@ -136,7 +138,7 @@ def run_study(study: StudyConfig, log=print) -> dict:
                 run_dir = out / f"{source.source}-{config.data.fingerprint()}" / _slug(model.label)
                 record = run_dir / "study.json"
                 stamp = config.model_dump(mode="json")
-                if record.exists() and json.loads(record.read_text())["config"] == stamp:
+                if record.exists() and _same_run(json.loads(record.read_text())["config"], stamp):
                     metrics = json.loads(record.read_text())["metrics"]
                 else:
                     if truth is None:
@@ -154,6 +156,11 @@ def run_study(study: StudyConfig, log=print) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_results(study, results)
     return results
+
+
+def _same_run(saved: dict, wanted: dict) -> bool:
+    """Whether a finished run answers ``wanted``: same data, model and training (any name)."""
+    return {k: v for k, v in saved.items() if k != "name"} == {k: v for k, v in wanted.items() if k != "name"}
 
 
 def _truth(config: ExperimentConfig) -> pl.DataFrame:
@@ -222,7 +229,7 @@ def write_results(study: StudyConfig, results: dict) -> None:
     path = Path(study.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = dict(settings(study))
-    lines = [f"# Entire-space CVR: ChorusCVR against ESMM, ESCM2 and DCMT", ""]
+    lines = [f"# {study.title}", ""]
     lines += [
         f"Reproduce: `{study.command or 'recforge cvr-study <study.yaml>'}`. Machine: 2-core CPU "
         f"shared with other jobs, `{platform.python_implementation()} {platform.python_version()}`, "
@@ -239,13 +246,18 @@ def write_results(study: StudyConfig, results: dict) -> None:
         f"{list(study.split.ratios)}.",
         "",
     ]
+    shown: dict[str, str] = {}  # (source, options) -> the title it was shown under
     for key, per_model in results.items():
         source = keys[key]
+        setting = json.dumps([source.source, source.options], sort_keys=True)
+        if setting in shown:  # a sweep point equal to a listed source: the same runs
+            continue
+        shown[setting] = source.label
         lines += [f"## {source.label}", "", f"Source `{source.source}` with `{json.dumps(source.options)}`.", ""]
         bayes = [r["es_cvr_bayes_auc"] for runs in per_model.values() for r in runs]
         lines += _table(per_model)
         lines += ["", f"Bayes ES-CVR AUC (the true p_cvr against would-convert): {_mean_std(bayes)}.", ""]
-        lines += _differences(per_model, "ChorusCVR")
+        lines += _differences(per_model, study.focus)
     if study.sweep is not None:
         lines += _sweep_section(study, results, path)
     text = "\n".join(lines) + "\n"
@@ -276,7 +288,7 @@ def _sweep_section(study: StudyConfig, results: dict, results_path: Path) -> lis
     bayes = [np.mean([r["es_cvr_bayes_auc"] for rs in results.get(k, {}).values() for r in rs]) for k in keys]
     ax.plot(values, bayes, "k--", label="Bayes (true p_cvr)")
     lines.append("| Bayes (true p_cvr) | " + " | ".join(f"{b:.4f}" for b in bayes) + " |")
-    ax.set_xlabel(f"{sw.knob} (0 = clicks independent of conversion intent)")
+    ax.set_xlabel(f"{sw.knob} (0 = no conversion term in the click logit)")
     ax.set_ylabel("entire-space CVR AUC (test, mean ± std)")
     ax.set_title(f"{sw.label}: CVR AUC over all exposures")
     ax.grid(alpha=0.3)
