@@ -76,6 +76,7 @@ class StudyConfig(BaseModel):
     results: str = "docs/results/chorus_cvr.md"
     model_doc: str | None = "docs/models/chorus_cvr.md"
     command: str = ""  # the command that reproduces the study, quoted in the results
+    discussion: str = ""  # where the results are discussed, linked from the results page
 
 
 # metric key -> column title, in table order
@@ -246,6 +247,8 @@ def write_results(study: StudyConfig, results: dict) -> None:
         f"{list(study.split.ratios)}.",
         "",
     ]
+    if study.discussion:
+        lines += [f"What these numbers say, and how they compare with the paper: {study.discussion}.", ""]
     shown: dict[str, str] = {}  # (source, options) -> the title it was shown under
     for key, per_model in results.items():
         source = keys[key]
