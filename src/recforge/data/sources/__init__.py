@@ -47,9 +47,9 @@ _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "amazon-sports": ("amazon_sequential", {"name": "Sports_and_Outdoors"}),
     "amazon-toys": ("amazon_sequential", {"name": "Toys_and_Games"}),
     "lastfm": ("amazon_sequential", {"name": "LastFM"}),
-    "synthetic": ("synthetic", {}),
     "movielens-1m-funnel": ("movielens_funnel", {}),
     "ali-ccp": ("ali_ccp", {}),
+    "synthetic": ("synthetic", {}),
 }
 SOURCES = (*_SOURCES, "file")
 
