@@ -175,7 +175,7 @@ def test_synthetic_columns_and_schema() -> None:
     f = ds.frame
     assert f.columns == [
         "user_id", "item_id", "domain", "f0", "f1", "f2", "n0", "n1", "timestamp",
-        "click", "conversion", "p_click", "p_conversion",
+        "click", "conversion", "p_click", "p_conversion", "p_cvr", "would_convert",
     ]  # fmt: skip
     assert f.schema["f0"] == pl.Int64 and f.schema["n0"] == pl.Float32
     assert set(f["domain"].unique()) <= {0, 1}

@@ -135,5 +135,21 @@ def models() -> None:
     console.print(table)
 
 
+@app.command("cvr-study")
+def cvr_study(
+    study: Path,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override, e.g. seeds=[0]")] = None,
+) -> None:
+    """Train the funnel models of STUDY on the known-truth sources and write the results pages."""
+    from recforge.recipes.cvr_study import load_study, run_study
+
+    try:
+        config = load_study(study, set_)
+        run_study(config, log=console.print)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(err)
+    console.print(f"wrote {config.results}" + (f" and {config.model_doc}" if config.model_doc else ""))
+
+
 if __name__ == "__main__":
     app()

@@ -230,12 +230,66 @@ def classification_report(
     labels: Mapping[str, ArrayLike],
     probs: Mapping[str, ArrayLike],
     groups: ArrayLike | None = None,
+    rows: Mapping[str, ArrayLike] | None = None,
 ) -> dict[str, float]:
-    """``<label>_auc`` and ``<label>_logloss`` for every label, plus ``<label>_gauc`` with groups."""
+    """``<label>_auc`` and ``<label>_logloss`` for every label, plus ``<label>_gauc`` with groups.
+
+    ``rows`` optionally restricts a label to the rows where its boolean mask is true (e.g. a
+    post-click conversion is scored on clicked rows only); other labels use every row.
+    """
     report: dict[str, float] = {}
+    masks = rows or {}
     for name, label in labels.items():
-        report[f"{name}_auc"] = auc(label, probs[name])
-        report[f"{name}_logloss"] = logloss(label, probs[name])
+        label_, prob, group = _to_numpy(label), _to_numpy(probs[name]), groups
+        if name in masks:
+            keep = _to_numpy(masks[name], dtype=bool)
+            label_, prob = label_[keep], prob[keep]
+            if groups is not None:
+                group = _to_numpy(groups, dtype=np.int64)[keep]
+        report[f"{name}_auc"] = auc(label_, prob)
+        report[f"{name}_logloss"] = logloss(label_, prob)
         if groups is not None:
-            report[f"{name}_gauc"] = gauc(label, probs[name], groups)
+            report[f"{name}_gauc"] = gauc(label_, prob, group)
     return report
+
+
+# --- funnel (exposure -> click -> conversion) metrics ------------------------------------------
+def cvr_auc(click: ArrayLike, conversion: ArrayLike, p_cvr: ArrayLike) -> float:
+    """Post-click CVR AUC: the conversion label against pCVR on the clicked rows only."""
+    clicked = _to_numpy(click) > 0.5
+    return auc(_to_numpy(conversion)[clicked], _to_numpy(p_cvr)[clicked])
+
+
+def ctcvr_auc(click: ArrayLike, conversion: ArrayLike, p_ctcvr: ArrayLike) -> float:
+    """CTCVR AUC over every exposure, label click * conversion."""
+    return auc(_to_numpy(click) * _to_numpy(conversion), p_ctcvr)
+
+
+def entire_space_cvr_report(
+    click: ArrayLike, would_convert: ArrayLike, true_cvr: ArrayLike, p_cvr: ArrayLike
+) -> dict[str, float]:
+    """CVR quality over the whole exposure space, where the truth of every exposure is known.
+
+    ``would_convert`` is the conversion each exposure would have had if clicked (observed only on
+    clicked rows in a real log), ``true_cvr`` its true probability, ``p_cvr`` the model's pCVR.
+
+    - ``es_cvr_auc``: AUC of pCVR against ``would_convert`` over all exposures;
+    - ``es_cvr_auc_unclicked``: the same on the unclicked exposures only;
+    - ``es_cvr_bayes_auc``: AUC of ``true_cvr`` itself, the ceiling a model can approach;
+    - ``es_cvr_logloss``: LogLoss of pCVR against ``would_convert`` over all exposures;
+    - ``unclicked_pred_cvr``, ``unclicked_true_cvr``: mean pCVR and mean true CVR on the
+      unclicked exposures; ``unclicked_calibration`` is their ratio (1 = calibrated).
+    """
+    unclicked = _to_numpy(click) <= 0.5
+    target, truth, pred = _to_numpy(would_convert), _to_numpy(true_cvr), _to_numpy(p_cvr)
+    pred_mean = float(pred[unclicked].mean()) if unclicked.any() else float("nan")
+    true_mean = float(truth[unclicked].mean()) if unclicked.any() else float("nan")
+    return {
+        "es_cvr_auc": auc(target, pred),
+        "es_cvr_auc_unclicked": auc(target[unclicked], pred[unclicked]),
+        "es_cvr_bayes_auc": auc(target, truth),
+        "es_cvr_logloss": logloss(target, pred),
+        "unclicked_pred_cvr": pred_mean,
+        "unclicked_true_cvr": true_mean,
+        "unclicked_calibration": pred_mean / true_mean if true_mean > 0 else float("nan"),
+    }

@@ -19,7 +19,9 @@ Evaluation runs under ``torch.inference_mode()`` in batches of ``eval_batch_size
 - ranking models: every key ``k`` of ``model.predict`` that names a label of the batch is scored
   against it (``<split>_<k>_auc``, ``_logloss`` and, when the store has a user column,
   ``_gauc``). A ``ctcvr`` prediction of a funnel model is scored against the product of the
-  labels of the other predicted keys (click * conversion).
+  labels of the other predicted keys (click * conversion) on every row; the funnel's first
+  label is the click, and its other labels (the conversion) are post-click: scored on the
+  clicked rows only.
 - retrieval models: each row of the split is a (user, item) interaction; the user vector of the
   row ranks its item against the whole item vocabulary, the user's items of the train split
   excluded (``<split>_recall@K``, ``_ndcg@K``, ``_hr@K``, ``_mrr``). The model names its item
@@ -375,7 +377,7 @@ class Trainer:
                 groups.append(batch.group)
         probs = {name: torch.cat(parts) for name, parts in predictions.items()}
         targets = _targets(probs, {name: torch.cat(parts) for name, parts in labels.items()})
-        return classification_report(targets, probs, torch.cat(groups) if groups else None)
+        return classification_report(targets, probs, torch.cat(groups) if groups else None, _post_click_rows(targets))
 
     def _retrieval_metrics(self, view: SplitView) -> dict[str, float]:
         item_feature = getattr(self.model.config, "item_feature", None)
@@ -413,6 +415,15 @@ def _targets(predicted: Iterable[str], labels: dict[str, Tensor]) -> dict[str, T
     if CTCVR in predicted and CTCVR not in labels and targets:
         targets[CTCVR] = torch.stack(list(targets.values())).prod(0)
     return targets
+
+
+def _post_click_rows(targets: dict[str, Tensor]) -> dict[str, Tensor]:
+    """For a funnel model (one that predicts ``ctcvr``), its first label is the click and every
+    other label except ``ctcvr`` is post-click: scored on the clicked rows only."""
+    if CTCVR not in targets or len(targets) < 3:
+        return {}
+    click, *post_click = [name for name in targets if name != CTCVR]
+    return {name: targets[click] > 0.5 for name in post_click}
 
 
 def seen_items(

@@ -48,6 +48,8 @@ _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "amazon-sports": ("amazon_sequential", {"name": "Sports_and_Outdoors"}),
     "amazon-toys": ("amazon_sequential", {"name": "Toys_and_Games"}),
     "lastfm": ("amazon_sequential", {"name": "LastFM"}),
+    "movielens-1m-funnel": ("movielens_funnel", {}),
+    "ali-ccp": ("ali_ccp", {}),
     "synthetic": ("synthetic", {}),
 }
 SOURCES = (*_SOURCES, "file")
