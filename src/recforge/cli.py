@@ -135,5 +135,21 @@ def models() -> None:
     console.print(table)
 
 
+@app.command()
+def study(
+    config: Path,
+    runs: Annotated[Path, typer.Option(help="folder of the study's run folders")] = Path("runs/studies"),
+    report_only: Annotated[bool, typer.Option(help="only rewrite the pages from the runs done so far")] = False,
+) -> None:
+    """Train every model x seed of a study config (skipping finished runs) and write its pages."""
+    from recforge.study import run_study
+
+    try:
+        summary = run_study(config, runs, STORE_ROOT, report_only=report_only)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(err)
+    console.print_json(json.dumps(summary))
+
+
 if __name__ == "__main__":
     app()
