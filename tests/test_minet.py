@@ -237,3 +237,73 @@ def test_shared_bottom_routes_rows_to_their_domain_tower_and_learns(store, tmp_p
     assert torch.equal(after[is_target], before[is_target]) and not torch.allclose(after[~is_target], before[~is_target])
     trained = build_model("shared_bottom", store.schema, {"embedding_dim": 8})
     assert fit(trained, store, tmp_path)["test_like_auc"] > 0.7
+
+
+# --- on MovieLens-1M (real data) --------------------------------------------------------------
+
+
+def test_minet_trains_on_movielens_two_domain(real_data, tmp_path):
+    from recforge.data.sources import load_source
+
+    raw = load_source("movielens-1m-two-domain", root=real_data("movielens-1m"))
+    raw = RawDataset(raw.frame.filter(pl.col("user_id") <= 300), raw.schema, raw.origin)
+    store = prepare(raw, tmp_path / "store", SplitConfig(kind="column"))
+    assert len(store.split("valid")) == len(store.split("test")) == raw.frame.filter(pl.col("split") == "test").height
+    model = build_model("minet", store.schema, {})
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=1, batch_size=1024, lr=0.003, patience=None, quiet=True, num_threads=1, checkpoint_every_steps=0)
+    metrics = Trainer(model, store, config, tmp_path / "run").fit()
+    assert metrics["valid_like_auc"] > 0.6 and metrics["test_like_auc"] > 0.6  # chance: 0.5
+
+
+# --- the study runner -------------------------------------------------------------------------
+
+
+def test_study_trains_each_variant_and_seed_once_and_writes_pages(tmp_path, monkeypatch):
+    from recforge.study import run_study
+
+    monkeypatch.chdir(tmp_path)
+    two_domain_frame(n_users=40, per_user=20).write_parquet("data.parquet")
+    two_domain_schema().save("schema.json")
+    experiment = {
+        "data": {"source": "file", "options": {"path": "data.parquet", "schema": "schema.json"}, "split": {"kind": "column"}},
+        "train": {"epochs": 1, "batch_size": 128, "quiet": True, "num_threads": 1, "checkpoint_every_steps": 0},
+    }
+    (tmp_path / "configs").mkdir()
+    for name, model in (("minet", {"name": "minet", "params": MINET_FIELDS}), ("dnn", {"name": "dnn", "params": {"label": "like"}})):
+        (tmp_path / "configs" / f"{name}.yaml").write_text(json.dumps({"name": name, **experiment, "model": model}))
+    (tmp_path / "configs" / "page.md").write_text("# Page\n\nintro\n\n{{results}}\n\nend\n")
+    study = {
+        "name": "tiny",
+        "command": "recforge study configs/study.yaml",
+        "seeds": [0, 1],
+        "label": "like",
+        "reference": "DNN",
+        "plot": "docs/tiny.png",
+        "variants": [
+            {"name": "DNN", "config": "dnn.yaml"},
+            {"name": "MiNet", "config": "minet.yaml"},
+            {"name": "MiNet w/o source", "config": "minet.yaml", "set": ["model.params.short_term_source=false"], "group": "ablations"},
+        ],
+        "pages": [{"path": "docs/results/tiny.md", "template": "page.md"}],
+    }
+    (tmp_path / "configs" / "study.yaml").write_text(json.dumps(study))
+    run_study("configs/study.yaml", tmp_path / "runs", tmp_path / "stores", seeds=[1], groups=["ablations"])
+    assert [p.name for p in (tmp_path / "runs" / "tiny").glob("*/seed*")] == ["seed1"]  # that part only
+    with pytest.raises(ValueError, match="seed 7 is not one of the study's seeds"):
+        run_study("configs/study.yaml", tmp_path / "runs", tmp_path / "stores", seeds=[7])
+    summary = run_study("configs/study.yaml", tmp_path / "runs", tmp_path / "stores")
+
+    runs = sorted(p.parent.name + "/" + p.name for p in (tmp_path / "runs" / "tiny").glob("*/seed*"))
+    assert runs == [f"{v}/seed{s}" for v in ("dnn", "minet", "minet_w_o_source") for s in (0, 1)]
+    aucs = [json.loads((tmp_path / "runs" / "tiny" / "minet" / f"seed{s}" / "metrics.json").read_text())["test_like_auc"] for s in (0, 1)]
+    assert math.isclose(summary["MiNet"]["test_like_auc"], np.mean(aucs)) and math.isclose(summary["MiNet"]["test_like_auc_std"], np.std(aucs, ddof=1))
+    assert summary["DNN"]["delta_auc"] == 0.0 and summary["MiNet"]["runs"] == 2
+    page = (tmp_path / "docs" / "results" / "tiny.md").read_text()
+    assert page.startswith("# Page\n\nintro\n") and page.rstrip().endswith("end") and "{{results}}" not in page
+    assert "| MiNet | 2 |" in page and "### ablations" in page and "![test AUC per model](../tiny.png)" in page
+    assert (tmp_path / "docs" / "tiny.png").stat().st_size > 1000
+    # a second call trains nothing again
+    stamp = (tmp_path / "runs" / "tiny" / "minet" / "seed0" / "metrics.json").stat().st_mtime_ns
+    run_study("configs/study.yaml", tmp_path / "runs", tmp_path / "stores")
+    assert (tmp_path / "runs" / "tiny" / "minet" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp

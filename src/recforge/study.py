@@ -74,16 +74,41 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run_study(path: str | Path, runs: Path, store_root: Path, report_only: bool = False) -> dict:
-    """Train every missing (variant, seed) run, then write the pages; returns the summary."""
+def run_study(
+    path: str | Path,
+    runs: Path,
+    store_root: Path,
+    report_only: bool = False,
+    seeds: list[int] | None = None,
+    groups: list[str] | None = None,
+) -> dict:
+    """Train every missing (variant, seed) run, then write the pages; returns the summary.
+
+    ``seeds`` and ``groups`` restrict the runs trained (not the pages) to some seeds and variant
+    groups, e.g. to share a study among processes or machines that write into one ``runs`` folder.
+    """
     from recforge.experiment import run
 
     path = Path(path)
     study = load_study(path)
     root = runs / study.name
-    groups = list(dict.fromkeys(v.group for v in study.variants))
+    for seed in seeds or []:
+        if seed not in study.seeds:
+            raise ConfigError(f"{path}: seed {seed} is not one of the study's seeds {study.seeds}")
+    known_groups = list(dict.fromkeys(v.group for v in study.variants))
+    for group in groups or []:
+        if group not in known_groups:
+            raise ConfigError(f"{path}: group {group!r} is not one of the study's groups {known_groups}")
     # every seed of the first group before the next group, so that an early stop leaves whole tables
-    order = [(v, s) for g in groups for s in study.seeds for v in study.variants if v.group == g]
+    order = [
+        (v, s)
+        for g in known_groups
+        if not groups or g in groups
+        for s in study.seeds
+        if not seeds or s in seeds
+        for v in study.variants
+        if v.group == g
+    ]
     for variant, seed in order:
         out = root / slug(variant.name) / f"seed{seed}"
         if report_only or (out / "metrics.json").exists():
