@@ -31,8 +31,10 @@ Differences and reconstructions:
   code's Adagrad 0.02 [reconstructed];
 - serving scores the target tower only; the source tower is training-only [reconstructed];
 - each interest and each attention level can be switched off for the ablations: a dropped
-  interest leaves the tower input and the interest-attention input; without interest-level
-  attention ``v_x = 1``; without item-level attention a history is mean-pooled.
+  interest leaves the tower input (a dropped short-term interest also leaves the
+  interest-attention input; ``p_u`` stays an input of both attention levels, as in the
+  equations); without interest-level attention ``v_x = 1``; without item-level attention a
+  history is mean-pooled.
 
 Items (candidate and history) are the concatenated embeddings of ``item_fields`` (e.g. movie
 id, first genre, year), the history features listing the same fields in the same order.
