@@ -151,5 +151,23 @@ def cvr_study(
     console.print(f"wrote {config.results}" + (f" and {config.model_doc}" if config.model_doc else ""))
 
 
+@app.command()
+def study(
+    config: Path,
+    runs: Annotated[Path, typer.Option(help="folder of the study's run folders")] = Path("runs/studies"),
+    report_only: Annotated[bool, typer.Option(help="only rewrite the pages from the runs done so far")] = False,
+    seed: Annotated[Optional[list[int]], typer.Option(help="train only this seed (repeatable)")] = None,
+    group: Annotated[Optional[list[str]], typer.Option(help="train only this variant group (repeatable)")] = None,
+) -> None:
+    """Train every model x seed of a study config (skipping finished runs) and write its pages."""
+    from recforge.study import run_study
+
+    try:
+        summary = run_study(config, runs, STORE_ROOT, report_only=report_only, seeds=seed, groups=group)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(err)
+    console.print_json(json.dumps(summary))
+
+
 if __name__ == "__main__":
     app()

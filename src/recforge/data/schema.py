@@ -93,6 +93,7 @@ class Schema(BaseModel):
     time: str | None = None  # event time; orders each user's timeline
     domain: str | None = None  # column holding the domain (scenario) of each row
     vocab_sizes: dict[str, int] = Field(default_factory=dict)  # filled by prepare
+    domain_index: dict[str, int] = Field(default_factory=dict)  # filled by prepare: domain value -> id
 
     @model_validator(mode="after")
     def _check(self) -> "Schema":
@@ -163,6 +164,12 @@ class Schema(BaseModel):
         for f in self.categorical + self.sequences:
             seen.setdefault(f.vocab or f.name, None)
         return list(seen)
+
+    def domain_id(self, value: str) -> int:
+        """Encoded id of a value of the domain column (seen in the train split)."""
+        if value not in self.domain_index:
+            raise KeyError(f"domain {value!r} has no id; the train split's domains are {sorted(self.domain_index)}")
+        return self.domain_index[value]
 
     def vocab_size(self, vocab: str) -> int:
         if vocab not in self.vocab_sizes:
