@@ -48,6 +48,10 @@ _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "amazon-toys": ("amazon_sequential", {"name": "Toys_and_Games"}),
     "lastfm": ("amazon_sequential", {"name": "LastFM"}),
     "synthetic": ("synthetic", {}),
+    "amazon-cross-sport-cloth": ("amazon_crossdomain", {"pair": "sport_cloth"}),
+    "amazon-cross-phone-electronic": ("amazon_crossdomain", {"pair": "phone_electronic"}),
+    "amazon-cross-sport-phone": ("amazon_crossdomain", {"pair": "sport_phone"}),
+    "amazon-cross-cloth-electronic": ("amazon_crossdomain", {"pair": "cloth_electronic"}),
 }
 SOURCES = (*_SOURCES, "file")
 
