@@ -409,6 +409,29 @@ def test_item_graph_rows_are_the_mean_of_powers(data):
 
 
 # --- recipe -----------------------------------------------------------------------------------
+def test_sampled_candidates_are_unseen_items_of_the_domain(store, data):
+    from recforge.recipes.cross_domain import sample_candidates
+
+    view = store.split("test")
+    for negatives in (5, 1000):  # 1000: more than a domain holds, the small-pool path
+        cands = sample_candidates(view, data, "item_id", negatives, seed=0)
+        users = view.column("user_id")[cands.rows]
+        targets = view.column("item_id")[cands.rows]
+        assert (cands.items[:, 0] == targets).all()
+        negs = cands.items[:, 1:]
+        assert (data.item_domain[negs] == cands.domain[:, None]).all()
+        assert all(len(set(row)) == len(row) for row in cands.items)  # distinct, target not among them
+        counts = data.counts()
+        for row, user, domain in zip(negs, users, cands.domain):
+            segment = user * data.num_domains + domain
+            assert not set(row) & set(data.items[data.ptr[segment] : data.ptr[segment + 1]])
+        if negatives == 5:
+            assert negs.shape[1] == 5
+        else:  # as many as the fullest row leaves
+            pool = np.diff(data.domain_ptr)
+            assert negs.shape[1] == min(pool[d] - counts[:, d].max() - 1 for d in range(2))
+
+
 def test_unicdr_beats_popularity_and_single_domain_two_tower_trains(store, data, tmp_path):
     config = TrainConfig(epochs=6, batch_size=64, lr=3e-3, sparse_lr=0.1, patience=None, quiet=True, checkpoint_every_steps=0, monitor="valid_ndcg@10")
     torch.manual_seed(0)
@@ -443,7 +466,8 @@ def test_run_table_writes_report_and_reuses_runs(tmp_path, monkeypatch):
     text = (tmp_path / "docs" / "r.md").read_text()
     assert "prose kept" in text and "<!-- table:tiny -->" in text and "± " in text and "target-only" in text
     assert (tmp_path / "docs" / "r_tiny.png").stat().st_size > 0
-    first = json.loads((tmp_path / "runs" / "tiny" / "tiny" / "unicdr" / "seed0" / "metrics.json").read_text())
+    (done,) = (tmp_path / "runs" / "tiny").glob("unicdr-*/seed0/metrics.json")
+    first = json.loads(done.read_text())
     run_table(path, tmp_path / "runs", tmp_path / "stores")  # read back, not retrained
-    assert json.loads((tmp_path / "runs" / "tiny" / "tiny" / "unicdr" / "seed0" / "metrics.json").read_text()) == first
+    assert json.loads(done.read_text()) == first and len(list((tmp_path / "runs" / "tiny").glob("*/seed*"))) == 4
     assert (tmp_path / "docs" / "r.md").read_text().count("<!-- table:tiny -->") == 1

@@ -135,5 +135,19 @@ def models() -> None:
     console.print(table)
 
 
+@app.command("cross-domain-rec")
+def cross_domain_rec(
+    config: Path,
+    out: Annotated[Path, typer.Option(help="root of the run folders")] = Path("runs/cross_domain"),
+) -> None:
+    """Run a cross-domain table (data sets x models x seeds) of CONFIG and write it into its report."""
+    from recforge.recipes.cross_domain import run_table
+
+    try:
+        run_table(config, out, STORE_ROOT)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+
+
 if __name__ == "__main__":
     app()

@@ -26,6 +26,7 @@ run's metrics, and writes the table (mean ± std over seeds) into a markdown rep
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -64,40 +65,41 @@ class Candidates:
     skipped: int
 
 
-def sample_candidates(view: SplitView, data: DomainInteractions, item: str, negatives: int, seed: int) -> Candidates:
-    """Targets of ``view`` and their sampled negatives (see the module docstring)."""
+def sample_candidates(
+    view: SplitView, data: DomainInteractions, item: str, negatives: int, seed: int, max_rows: int | None = None
+) -> Candidates:
+    """Targets of ``view`` and their sampled negatives (see the module docstring).
+
+    ``max_rows``: keep at most this many rows per (domain, warm / cold) group, a seeded subset
+    (validation during training).
+    """
     schema = view.schema
+    generator = np.random.default_rng(seed)
     users = view.column(schema.user).astype(np.int64)
     targets = view.column(item).astype(np.int64)
     domains = data.domain_of_code[view.column(schema.domain).astype(np.int64)]
     rankable = (domains >= 0) & (data.item_domain[targets] == domains)
     counts = data.counts()
-    position_in_domain = np.zeros(data.num_items, dtype=np.int64)
+    cold = np.zeros(len(users), dtype=bool)
+    cold[rankable] = counts[users[rankable], domains[rankable]] == 0
+    seen_keys = np.repeat(np.arange(len(data.ptr) - 1) // data.num_domains, np.diff(data.ptr)) * data.num_items + data.items
+    seen_keys.sort()
     all_rows, all_items = [], []
-    generator = torch.Generator().manual_seed(seed)
     for d in range(data.num_domains):
-        rows = np.flatnonzero(rankable & (domains == d))
         pool = data.domain_items[data.domain_ptr[d] : data.domain_ptr[d + 1]]
-        position_in_domain[pool] = np.arange(len(pool))
-        if len(rows) == 0:
-            continue
-        seen = counts[users[rows], d]
-        draws = min(negatives, len(pool) - int(seen.max()) - 1)
-        if draws < 1:
-            raise ValueError(f"domain {data.domain_names[d]!r} has too few items to sample negatives")
-        chosen = []
-        for chunk in np.array_split(rows, max(1, len(rows) * len(pool) // (1 << 23))):
-            keys = torch.rand(len(chunk), len(pool), generator=generator)  # [C, I_d]
-            segment = users[chunk] * data.num_domains + d
-            start, length = data.ptr[segment], np.diff(data.ptr)[segment]
-            row_of = np.repeat(np.arange(len(chunk)), length)
-            entry = np.repeat(start - np.cumsum(length) + length, length) + np.arange(length.sum())
-            keys[row_of, position_in_domain[data.items[entry]]] = np.inf  # the user's train items
-            keys[np.arange(len(chunk)), position_in_domain[targets[chunk]]] = np.inf  # the target
-            picked = keys.topk(draws, dim=1, largest=False).indices.numpy()
-            chosen.append(pool[picked])
-        all_rows.append(rows)
-        all_items.append(np.concatenate([targets[rows][:, None], np.concatenate(chosen)], 1))
+        for group in (False, True):
+            rows = np.flatnonzero(rankable & (domains == d) & (cold == group))
+            if max_rows is not None and len(rows) > max_rows:
+                rows = np.sort(generator.choice(rows, max_rows, replace=False))
+            if len(rows) == 0:
+                continue
+            draws = min(negatives, len(pool) - int(counts[users[rows], d].max()) - 1)
+            if draws < 1:
+                raise ValueError(f"domain {data.domain_names[d]!r} has too few items to sample negatives")
+            chosen = [_negatives(generator, pool, users[chunk], targets[chunk], seen_keys, data.num_items, draws)
+                      for chunk in np.array_split(rows, max(1, len(rows) // 2048))]  # fmt: skip
+            all_rows.append(rows)
+            all_items.append(np.concatenate([targets[rows][:, None], np.concatenate(chosen)], 1))
     if not all_rows:
         raise ValueError(f"split {view.name!r} has no rankable rows")
     width = min(a.shape[1] for a in all_items)
@@ -105,10 +107,40 @@ def sample_candidates(view: SplitView, data: DomainInteractions, item: str, nega
     return Candidates(
         rows=rows,
         domain=domains[rows],
-        cold=counts[users[rows], domains[rows]] == 0,
+        cold=cold[rows],
         items=np.concatenate([a[:, :width] for a in all_items]),
         skipped=int((~rankable).sum()),
     )
+
+
+def _negatives(
+    generator: np.random.Generator, pool: np.ndarray, users: np.ndarray, targets: np.ndarray, seen_keys: np.ndarray,
+    num_items: int, draws: int,
+) -> np.ndarray:  # fmt: skip
+    """``draws`` distinct items of ``pool`` per row, uniform, none the row's target or a train item
+    of its user -> [R, draws]. Rejection sampling from 2 x draws (+ 64) draws per row; a row left
+    short (small pools) is redrawn by ranking random keys over the whole pool."""
+    width = 2 * draws + 64
+    picks = pool[generator.integers(0, len(pool), (len(users), width))]  # [R, W]
+    order = np.argsort(picks, axis=1, kind="stable")
+    ordered = np.take_along_axis(picks, order, 1)
+    repeat = np.zeros_like(ordered, dtype=bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]  # later copies of a value
+    duplicate = np.empty_like(repeat)
+    np.put_along_axis(duplicate, order, repeat, 1)
+    keys = users[:, None] * num_items + picks
+    at = np.minimum(np.searchsorted(seen_keys, keys), len(seen_keys) - 1)
+    valid = ~duplicate & (seen_keys[at] != keys) & (picks != targets[:, None])
+    first = np.argsort(~valid, axis=1, kind="stable")[:, :draws]  # the first valid draws, in draw order
+    chosen = np.take_along_axis(picks, first, 1)
+    short = np.flatnonzero(valid.sum(1) < draws)
+    if len(short):  # rank random keys over the whole pool, excluded items last
+        keys = users[short, None] * num_items + pool[None, :]  # [S, P]
+        at = np.minimum(np.searchsorted(seen_keys, keys), len(seen_keys) - 1)
+        excluded = (seen_keys[at] == keys) | (pool[None, :] == targets[short, None])
+        ranked = np.argsort(generator.random(keys.shape) + excluded, axis=1)[:, :draws]
+        chosen[short] = pool[ranked]
+    return chosen
 
 
 def ranking_metrics(
@@ -155,16 +187,20 @@ class CrossDomainTrainer(Trainer):
         eval_seed: int = 0,
         eval_rows: int = 4096,
         candidates: dict[str, Candidates] | None = None,
+        valid_rows: int | None = None,
     ) -> None:
         super().__init__(model, store, config, out_dir)
         self.data, self.item = data, item
         self.eval_negatives, self.eval_seed, self.eval_rows = eval_negatives, eval_seed, eval_rows
+        self.valid_rows = valid_rows
         self.candidates = candidates if candidates is not None else {}
 
     def candidates_of(self, split: str) -> Candidates:
         if split not in self.candidates:
             seed = self.eval_seed * 3 + ("train", "valid", "test").index(split)
-            self.candidates[split] = sample_candidates(self.store.split(split), self.data, self.item, self.eval_negatives, seed)
+            limit = self.valid_rows if split == "valid" else None
+            view = self.store.split(split)
+            self.candidates[split] = sample_candidates(view, self.data, self.item, self.eval_negatives, seed, limit)
         return self.candidates[split]
 
     def evaluate(self, split: str) -> dict[str, float]:
@@ -269,6 +305,7 @@ class TableConfig(BaseModel):
     item: str = "item_id"
     eval_negatives: int = 999
     eval_seed: int = 0
+    valid_rows: int | None = 2000  # validation rows per (domain, group) used for early stopping
     groups: list[str] = Field(default_factory=lambda: ["warm"])  # warm and / or cold rows in the table
     reference: str | None = None  # a variant label: also tabulate each variant's change against it
 
@@ -297,8 +334,10 @@ def run_variant(
     for d, name in enumerate(data.domain_names):
         seed_everything(seed)
         model = SingleDomain(build_model(variant.model, store.schema, variant.params), data, d)
-        group = "cold_" if train.monitor and "cold" in train.monitor else ""
-        own = dataclasses.replace(train, monitor=f"valid_{name}_{group}ndcg@10")
+        valid = CrossDomainTrainer(model, store, train, out / name, data, table.item, table.eval_negatives,
+                                   table.eval_seed, candidates=candidates, valid_rows=table.valid_rows).candidates_of("valid")  # fmt: skip
+        cold = "cold_" if train.monitor and "cold" in train.monitor and (valid.cold & (valid.domain == d)).any() else ""
+        own = dataclasses.replace(train, monitor=f"valid_{name}_{cold}ndcg@10")  # this domain's rows
         found = _fit(model, store, own, out / name, data, table, candidates)
         metrics |= {k: v for k, v in found.items() if re.match(rf"(valid|test)_(popular_)?{re.escape(name)}_", k)}
         metrics[f"epochs_{name}"] = found["epochs"]
@@ -310,12 +349,26 @@ def _fit(
     candidates: dict[str, Candidates],
 ) -> dict[str, float]:  # fmt: skip
     trainer = CrossDomainTrainer(
-        model, store, train, out, data, table.item, table.eval_negatives, table.eval_seed, candidates=candidates
-    )
+        model, store, train, out, data, table.item, table.eval_negatives, table.eval_seed,
+        candidates=candidates, valid_rows=table.valid_rows,
+    )  # fmt: skip
     metrics = trainer.fit()
     for name in ("last", "best"):  # the metrics are what a study keeps
         shutil.rmtree(out / name, ignore_errors=True)
     return metrics
+
+
+def run_folder(out_root: Path, table: TableConfig, dataset: DatasetSpec, variant: VariantSpec, seed: int) -> Path:
+    """``<root>/<data set>/<variant>-<hash>/seed<k>``: the hash covers everything that shapes the
+    run, so that tables sharing a run (same data, model, training and protocol) share its folder."""
+    shape = {
+        "data": [dataset.source, dataset.options, {**table.split, **dataset.split}],
+        "variant": variant.model_dump(exclude={"label"}),
+        "train": table.train,
+        "protocol": [table.item, table.eval_negatives, table.eval_seed, table.valid_rows],
+    }
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
+    return out_root / _slug(dataset.label) / f"{_slug(variant.label)}-{digest}" / f"seed{seed}"
 
 
 def run_table(config_path: str | Path, out_root: Path = Path("runs/cross_domain"), store_root: Path = Path("runs/stores")) -> dict:
@@ -329,7 +382,7 @@ def run_table(config_path: str | Path, out_root: Path = Path("runs/cross_domain"
         candidates: dict[str, Candidates] = {}
         for variant in table.variants:
             for seed in table.seeds:
-                out = out_root / table.name / _slug(dataset.label) / _slug(variant.label) / f"seed{seed}"
+                out = run_folder(out_root, table, dataset, variant, seed)
                 done = out / "metrics.json"
                 if done.exists():
                     metrics = json.loads(done.read_text())
@@ -341,8 +394,8 @@ def run_table(config_path: str | Path, out_root: Path = Path("runs/cross_domain"
                 print(f"[{table.name}] {dataset.label} / {variant.label} / seed {seed}: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_") and k.endswith("ndcg@10")),
                       flush=True)  # fmt: skip
-    (out_root / table.name).mkdir(parents=True, exist_ok=True)
-    (out_root / table.name / "results.json").write_text(json.dumps(results, indent=2))
+    (out_root / "tables").mkdir(parents=True, exist_ok=True)
+    (out_root / "tables" / f"{table.name}.json").write_text(json.dumps(results, indent=2))
     write_report(table, results, Path(config_path))
     return results
 

@@ -99,6 +99,7 @@ class UniCDRConfig(ModelConfig):
     num_negatives: int = 10
     lambda_loss: float = 0.4  # weight of the recommendation loss against the critic's
     init_std: float = 0.1
+    sparse_embeddings: bool = True  # row-wise sparse updates (the core optimiser's Adagrad rows); False: AdamW
     user_parts: str = "both"  # both | specific (target-only) | shared (source-only)
     eval_shared_domains: str = "all"  # all (intra scenarios) | other (cold-start users)
     official_target_leak: bool = False
@@ -213,9 +214,10 @@ class UniCDR(Model):
         self.num_items = schema.vocab_size(schema.feature(config.item_feature).vocab)
         self.num_domains = schema.vocab_size(schema.feature(schema.domain).vocab) - 2  # without PAD and OOV
         n_dom = self.num_domains
-        self.specific_users = nn.Embedding(self.num_users * n_dom, d, sparse=True)  # U_d[u] at row u * D + d
-        self.shared_users = nn.Embedding(self.num_users, d, sparse=True)  # U_s
-        self.items = nn.Embedding(self.num_items, d, sparse=True)  # V_d, rows of domain d's items
+        sparse = config.sparse_embeddings
+        self.specific_users = nn.Embedding(self.num_users * n_dom, d, sparse=sparse)  # U_d[u] at row u * D + d
+        self.shared_users = nn.Embedding(self.num_users, d, sparse=sparse)  # U_s
+        self.items = nn.Embedding(self.num_items, d, sparse=sparse)  # V_d, rows of domain d's items
         for table in (self.specific_users, self.shared_users, self.items):
             nn.init.normal_(table.weight, std=config.init_std)
         width = n_dom * config.eval_max_context
@@ -254,7 +256,7 @@ class UniCDR(Model):
         if config.side_features:
             if self.side is None:
                 sizes = data.user_side_sizes + data.item_side_sizes
-                self.side = nn.Embedding(sum(sizes), config.embedding_dim, sparse=True)
+                self.side = nn.Embedding(sum(sizes), config.embedding_dim, sparse=config.sparse_embeddings)
                 nn.init.normal_(self.side.weight, std=config.init_std)
             offsets = np.cumsum([0] + data.user_side_sizes + data.item_side_sizes)[:-1]
             n_user = len(data.user_side_sizes)
@@ -280,7 +282,7 @@ class UniCDR(Model):
             # e~_i = sum_k M_ik e_k, M = mean_{h=0..H} A^h (top entries): [N, D]
             vectors = F.embedding_bag(
                 self.item_neighbours[flat], self.items.weight, per_sample_weights=self.item_weights[flat],
-                mode="sum", sparse=True,
+                mode="sum", sparse=self.config.sparse_embeddings,
             ).reshape(*ids.shape, -1)  # fmt: skip
         else:
             vectors = self.items(ids)
