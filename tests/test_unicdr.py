@@ -471,3 +471,20 @@ def test_run_table_writes_report_and_reuses_runs(tmp_path, monkeypatch):
     run_table(path, tmp_path / "runs", tmp_path / "stores")  # read back, not retrained
     assert json.loads(done.read_text()) == first and len(list((tmp_path / "runs" / "tiny").glob("*/seed*"))) == 4
     assert (tmp_path / "docs" / "r.md").read_text().count("<!-- table:tiny -->") == 1
+
+
+def test_unicdr_beats_popularity_on_a_small_real_pair(real_data, tmp_path):
+    """Sport-Phone cut to its items with >= 10 interactions (users keeping >= 3 per domain)."""
+    raw = load_source("amazon-cross-sport-phone", root=real_data("amazon-crossdomain-disencdr"))
+    frame = raw.frame.filter(pl.len().over("item_id") >= 10)
+    frame = frame.filter(pl.len().over("user_id", "domain") >= 3)
+    frame = frame.filter(pl.col("domain").n_unique().over("user_id") == 2)
+    store = prepare(RawDataset(frame, raw.schema, raw.origin), tmp_path / "store", SplitConfig(kind="cross_domain"))
+    data = DomainInteractions.from_store(store)
+    torch.manual_seed(0)
+    model = build_model("unicdr", store.schema, {"embedding_dim": 32}).bind(data)
+    config = TrainConfig(epochs=2, batch_size=256, sparse_lr=0.1, patience=None, quiet=True, checkpoint_every_steps=0, monitor="valid_ndcg@10", num_threads=1)
+    metrics = CrossDomainTrainer(model, store, config, tmp_path / "run", data, eval_negatives=199, valid_rows=300).fit()
+    for domain in ("sport", "phone"):
+        assert metrics[f"test_{domain}_ndcg@10"] > metrics[f"test_popular_{domain}_ndcg@10"] + 0.005
+        assert metrics[f"test_{domain}_hr@10"] > metrics[f"test_popular_{domain}_hr@10"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -287,6 +288,7 @@ class VariantSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)  # overrides of the table's train section
     single_domain: bool = False  # one model per domain, trained on that domain only
+    datasets: list[str] | None = None  # labels of the data sets it runs on (None: all)
 
 
 class TableConfig(BaseModel):
@@ -363,7 +365,7 @@ def run_folder(out_root: Path, table: TableConfig, dataset: DatasetSpec, variant
     run, so that tables sharing a run (same data, model, training and protocol) share its folder."""
     shape = {
         "data": [dataset.source, dataset.options, {**table.split, **dataset.split}],
-        "variant": variant.model_dump(exclude={"label"}),
+        "variant": variant.model_dump(exclude={"label", "datasets"}),
         "train": table.train,
         "protocol": [table.item, table.eval_negatives, table.eval_seed, table.valid_rows],
     }
@@ -371,32 +373,76 @@ def run_folder(out_root: Path, table: TableConfig, dataset: DatasetSpec, variant
     return out_root / _slug(dataset.label) / f"{_slug(variant.label)}-{digest}" / f"seed{seed}"
 
 
-def run_table(config_path: str | Path, out_root: Path = Path("runs/cross_domain"), store_root: Path = Path("runs/stores")) -> dict:
-    """Run every (data set, variant, seed) of a table (finished runs are read back), write the report."""
+def run_table(
+    config_path: str | Path,
+    out_root: Path = Path("runs/cross_domain"),
+    store_root: Path = Path("runs/stores"),
+    only: list[str] | None = None,
+    train: bool = True,
+) -> dict:
+    """Run the table's (seed, data set, variant) runs, seed by seed, skipping finished ones; then
+    write the report from every finished run.
+
+    ``only``: labels of the data sets to train (the report still shows every finished run);
+    ``train=False`` only writes the report.
+    """
     table = TableConfig.load(config_path)
-    results: dict[str, dict[str, list[dict[str, float]]]] = {}
-    for dataset in table.datasets:
-        split = {**table.split, **dataset.split}
-        store = prepare_store(DataConfig(source=dataset.source, options=dataset.options, split=split), store_root)
-        data = DomainInteractions.from_store(store, table.item)
-        candidates: dict[str, Candidates] = {}
-        for variant in table.variants:
-            for seed in table.seeds:
+    known = {d.label for d in table.datasets}
+    unknown = sorted(set(only or []) - known)
+    if unknown:
+        raise ValueError(f"{config_path}: no data set labelled {unknown}; known: {sorted(known)}")
+    prepared: dict[str, tuple[Store, DomainInteractions, dict[str, Candidates]]] = {}
+    for seed in table.seeds if train else []:
+        for dataset in table.datasets:
+            if only is not None and dataset.label not in only:
+                continue
+            for variant in table.variants:
                 out = run_folder(out_root, table, dataset, variant, seed)
-                done = out / "metrics.json"
-                if done.exists():
-                    metrics = json.loads(done.read_text())
-                else:
-                    metrics = run_variant(store, data, variant, table, seed, out, candidates)
-                    out.mkdir(parents=True, exist_ok=True)
-                    done.write_text(json.dumps(metrics, indent=2))
-                results.setdefault(dataset.label, {}).setdefault(variant.label, []).append(metrics)
+                if (variant.datasets is not None and dataset.label not in variant.datasets) or (out / "metrics.json").exists():
+                    continue
+                if not _claim(out):  # another process is running it
+                    continue
+                if dataset.label not in prepared:
+                    split = {**table.split, **dataset.split}
+                    store = prepare_store(DataConfig(source=dataset.source, options=dataset.options, split=split), store_root)
+                    prepared[dataset.label] = (store, DomainInteractions.from_store(store, table.item), {})
+                store, data, candidates = prepared[dataset.label]
+                metrics = run_variant(store, data, variant, table, seed, out, candidates)
+                (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                (out / "running.pid").unlink(missing_ok=True)
                 print(f"[{table.name}] {dataset.label} / {variant.label} / seed {seed}: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_") and k.endswith("ndcg@10")),
                       flush=True)  # fmt: skip
+    results = collect(table, out_root)
     (out_root / "tables").mkdir(parents=True, exist_ok=True)
     (out_root / "tables" / f"{table.name}.json").write_text(json.dumps(results, indent=2))
     write_report(table, results, Path(config_path))
+    return results
+
+
+def _claim(out: Path) -> bool:
+    """Mark ``out`` as run by this process; False when a live process already holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "running.pid"
+    if lock.exists():
+        try:
+            os.kill(int(lock.read_text()), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            pass  # left by a process that died
+    lock.write_text(str(os.getpid()))
+    return True
+
+
+def collect(table: TableConfig, out_root: Path) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """Metrics of every finished run of the table: data set -> variant -> one dict per seed."""
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for dataset in table.datasets:
+        for variant in table.variants:
+            for seed in table.seeds:
+                done = run_folder(out_root, table, dataset, variant, seed) / "metrics.json"
+                if done.exists():
+                    results.setdefault(dataset.label, {}).setdefault(variant.label, []).append(json.loads(done.read_text()))
     return results
 
 
@@ -410,6 +456,8 @@ def _columns(table: TableConfig, results: dict) -> list[tuple[str, str]]:
     """(data set label, metric group) columns: every domain (and its cold rows when asked)."""
     columns = []
     for dataset in table.datasets:
+        if dataset.label not in results:
+            continue
         runs = next(iter(results[dataset.label].values()))
         domains = [k[len("test_") : -len("_rows")] for k in runs[0] if k.startswith("test_") and k.endswith("_rows")]
         for group in domains:
@@ -430,7 +478,7 @@ def render_table(table: TableConfig, results: dict) -> tuple[str, dict]:
     for variant in table.variants:
         values: dict[tuple[str, str, str], list[float]] = {}
         for label, group in columns:
-            for run in results[label][variant.label]:
+            for run in results[label].get(variant.label, []):
                 for m in SHOWN:
                     values.setdefault((label, group, m), []).append(run[f"test_{group}_{m}"])
                     popular.setdefault((label, group, m), [run[f"test_popular_{group}_{m}"]])
@@ -440,8 +488,13 @@ def render_table(table: TableConfig, results: dict) -> tuple[str, dict]:
         cells = []
         for column in columns:
             for m in SHOWN:
-                mean, std = _mean_std(values[(*column, m)])
-                cells.append(f"{mean:.4f} ± {std:.4f}" if len(values[(*column, m)]) > 1 else f"{mean:.4f}")
+                found = values.get((*column, m), [])
+                if not found:
+                    cells.append("—")
+                    continue
+                mean, std = _mean_std(found)
+                seeds = "" if len(found) == len(table.seeds) or label.startswith("most popular") else f" (n={len(found)})"
+                cells.append((f"{mean:.4f} ± {std:.4f}" if len(found) > 1 else f"{mean:.4f}") + seeds)
                 if m == "ndcg@10":
                     means.setdefault(label, {})[column] = mean
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -454,7 +507,7 @@ def render_table(table: TableConfig, results: dict) -> tuple[str, dict]:
         for label, values in means.items():
             if label == table.reference or label.startswith("most popular"):
                 continue
-            change.append(f"| {label} | " + " | ".join(f"{100 * (values[c] / ref[c] - 1):+.1f}%" for c in columns) + " |")
+            change.append(f"| {label} | " + " | ".join(f"{100 * (values[c] / ref[c] - 1):+.1f}%" if c in values and c in ref else "—" for c in columns) + " |")
         text += "\n" + "\n".join(change)
     return text, means
 
@@ -467,11 +520,11 @@ def plot_table(table: TableConfig, means: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(means)
-    columns = list(next(iter(means.values())))
+    columns = list(dict.fromkeys(c for values in means.values() for c in values))
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(columns) + 2), 4.0))
     for k, label in enumerate(labels):
-        ax.bar(np.arange(len(columns)) + k * width, [means[label][c] for c in columns], width, label=label)
+        ax.bar(np.arange(len(columns)) + k * width, [means[label].get(c, np.nan) for c in columns], width, label=label)
     ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2)
     ax.set_xticklabels([f"{a}\n{b.replace('_cold', ' (cold)')}" for a, b in columns], fontsize=8)
     ax.set_ylabel("test NDCG@10 (1 + 999 sampled)")
