@@ -78,27 +78,23 @@ def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 # --- recforge: the library's normal path ------------------------------------------------------
 def run_recforge(quick: bool) -> Row:
+    """The library's normal path: ``prepare`` into a store, ``build_model`` and ``Trainer.fit`` for
+    one epoch (per-step seeding, progress accounting, validation and a checkpoint included); the
+    train throughput is the one the trainer logs for the epoch."""
     from recforge.data.prepare import prepare
     from recforge.models import build_model
-    from recforge.train.optim import Optimizers
-    from recforge.train.trainer import seed_everything
+    from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
     raw = load_raw(quick)
     with tempfile.TemporaryDirectory() as tmp:
         store = prepare(raw, Path(tmp) / "store", SPLIT)
         seed_everything(0)
         model = build_model("deepfm", store.schema, {"embedding_dim": EMBEDDING_DIM, "hidden": HIDDEN, "dropout": DROPOUT})
-        optimizers = Optimizers(model, lr=LR)
-        train = store.split("train")
-        model.train()
-        samples, start = 0, time.perf_counter()
-        for batch in train.batches(BATCH_SIZE, shuffle=True, seed=0, epoch=0):
-            loss, _ = model.loss(model(batch), batch)
-            optimizers.zero_grad()
-            loss.backward()
-            optimizers.step()
-            samples += len(batch)
-        train_s = time.perf_counter() - start
+        config = TrainConfig(epochs=1, batch_size=BATCH_SIZE, lr=LR, log_every=1 << 30, eval_batch_size=PREDICT_BATCH, quiet=True)
+        trainer = Trainer(model, store, config, Path(tmp) / "run")
+        trainer.fit()
+        log = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        (epoch,) = [r for r in log if r["event"] == "train"]
 
         test = store.split("test")
         model.eval()
@@ -107,7 +103,7 @@ def run_recforge(quick: bool) -> Row:
             probs = torch.cat([model.predict(model(b))["click"] for b in test.batches(PREDICT_BATCH)]).numpy()
         predict_s = time.perf_counter() - start
         labels = test.column("click")
-    return {"train_samples_per_s": samples / train_s, "predict_samples_per_s": len(probs) / predict_s, **scores(labels, probs)}
+    return {"train_samples_per_s": epoch["samples_per_s"], "predict_samples_per_s": len(probs) / predict_s, **scores(labels, probs)}
 
 
 # --- plain PyTorch: a self-contained DeepFM over preloaded tensors ----------------------------
@@ -226,18 +222,78 @@ def run_rechub(quick: bool) -> Row:
 
 
 def run_fuxictr(quick: bool) -> Row:
-    """FuxiCTR's PyPI package (2.3.x) holds the framework (layers, BaseModel, FeatureProcessor,
-    data loaders) but no DeepFM: its models live in the GitHub repository's model_zoo/, which is
-    not installable from PyPI. The row is kept with that error."""
-    import fuxictr.pytorch.models as zoo
+    """FuxiCTR's own path: parquet files -> ``FeatureProcessor`` + ``build_dataset`` (Ray) -> parquet ->
+    ``RankDataLoader(data_format="parquet")`` (Ray Data) -> a ``BaseModel`` trained by its
+    ``train_step``. The PyPI wheel carries the framework and layers but not the model zoo, so the
+    DeepFM is assembled here from the wheel's own layers the way its model zoo assembles it. (Raw
+    parquet rather than CSV: the wheel's CSV reader calls ``polars.scan_csv(dtypes=...)``, an
+    argument polars 2 removed.)"""
+    import logging
 
-    if not hasattr(zoo, "DeepFM"):
-        version = __import__("fuxictr").__version__
-        raise ImportError(
-            f"fuxictr {version} from PyPI ships no DeepFM (fuxictr.pytorch.models has only "
-            "BaseModel/MultiTaskModel; DeepFM is in the GitHub repo's model_zoo/, not on PyPI)"
-        )
-    raise NotImplementedError("a fuxictr with DeepFM in the package: not wired up")
+    from fuxictr.features import FeatureMap
+    from fuxictr.preprocess import FeatureProcessor, build_dataset
+    from fuxictr.pytorch.dataloaders import RankDataLoader
+    from fuxictr.pytorch.layers import FactorizationMachine, FeatureEmbedding, MLP_Block
+    from fuxictr.pytorch.models import BaseModel
+
+    logging.disable(logging.WARNING)
+
+    class FuxiDeepFM(BaseModel):
+        def __init__(self, feature_map, **kwargs) -> None:
+            super().__init__(feature_map, model_id="DeepFM", **kwargs)
+            self.embedding_layer = FeatureEmbedding(feature_map, EMBEDDING_DIM)
+            self.fm = FactorizationMachine(feature_map)
+            self.mlp = MLP_Block(
+                input_dim=feature_map.sum_emb_out_dim(), output_dim=1, hidden_units=HIDDEN,
+                hidden_activations="ReLU", dropout_rates=DROPOUT,
+            )  # fmt: skip
+            self.compile("Adam", "binary_crossentropy", LR)
+            self.reset_parameters()
+            self.model_to_device()
+
+        def forward(self, inputs):
+            x = self.get_inputs(inputs)
+            feature_emb = self.embedding_layer(x)  # [B, F, D]
+            y = self.fm(x, feature_emb) + self.mlp(feature_emb.flatten(start_dim=1))
+            return {"y_pred": self.output_activation(y)}
+
+    raw = load_raw(quick)
+    codes = assign_splits(raw.frame, raw.schema, SPLIT)
+    table = raw.frame.select(
+        *[pl.col(c).cast(pl.String) for c in CATEGORICAL], pl.col("genres").list.join("^"), pl.col("click").cast(pl.Float32)
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for code, split in enumerate(("train", "valid", "test")):
+            files[split] = f"{tmp}/{split}.parquet"
+            table.filter(pl.Series(codes == code)).write_parquet(files[split])
+        processor = FeatureProcessor(
+            feature_cols=[
+                {"name": CATEGORICAL, "active": True, "dtype": "str", "type": "categorical"},
+                {"name": "genres", "active": True, "dtype": "str", "type": "sequence", "splitter": "^",
+                 "max_len": movielens.GENRES_MAX_LEN, "feature_encoder": "layers.MaskedAveragePooling()"},
+            ],
+            label_col={"name": "click", "dtype": "float"}, dataset_id="ml1m", data_root=tmp,
+        )  # fmt: skip
+        train_data, valid_data, test_data = build_dataset(processor, files["train"], files["valid"], files["test"], data_format="parquet")
+        feature_map = FeatureMap("ml1m", processor.data_dir)
+        feature_map.load(processor.json_file, {"embedding_dim": EMBEDDING_DIM})
+        torch.manual_seed(0)
+        model = FuxiDeepFM(feature_map, gpu=-1, verbose=0, model_root=tmp, metrics=["AUC"])
+        model._max_gradient_norm = 10.0  # BaseModel.fit's default; train_step clips to it
+        train_gen = RankDataLoader(feature_map, stage="train", train_data=train_data, batch_size=BATCH_SIZE, shuffle=True, data_format="parquet")[0]
+        model.train()
+        samples, start = 0, time.perf_counter()
+        for batch in train_gen:
+            model.train_step(batch)
+            samples += len(batch["click"])
+        train_s = time.perf_counter() - start
+        test_gen = RankDataLoader(feature_map, stage="test", test_data=test_data, batch_size=PREDICT_BATCH, data_format="parquet")
+        start = time.perf_counter()
+        probs = model.predict(test_gen)
+        predict_s = time.perf_counter() - start
+        labels = pl.read_parquet(test_data, columns=["click"])["click"].to_numpy()
+    return {"train_samples_per_s": samples / train_s, "predict_samples_per_s": len(probs) / predict_s, **scores(labels, probs)}
 
 
 RUNNERS = {"recforge": run_recforge, "plain-pytorch": run_plain, "fuxictr": run_fuxictr, "torch-rechub": run_rechub, "deepctr-torch": run_deepctr}

@@ -6,6 +6,7 @@ tests/test_trainer.py STORE OUT``), this file is also the program of the two-pro
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from recforge.data.prepare import prepare
 from recforge.data.sources.synthetic import generate
 from recforge.data.store import Store
 from recforge.models import Model, build_model
+from recforge.nn.embedding import FeatureEmbedding
 from recforge.train import trainer as trainer_module
 from recforge.train.checkpoint import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, find_checkpoint, save_checkpoint
 from recforge.train.optim import Optimizers, RowWiseAdagrad, split_parameters
@@ -219,6 +221,27 @@ def test_sparse_optimizer_touches_only_used_rows():
     assert changed == [3, 7, 512]
     accumulator = optimizers.sparse.state[table.weight]["sum"]
     assert accumulator.nonzero().flatten().tolist() == [3, 7, 512]
+
+
+def test_small_tables_take_dense_gradients_with_the_same_update(store):
+    """A small FeatureEmbedding gets a dense gradient; the row-wise update equals the sparse one."""
+    torch.manual_seed(0)
+    small = FeatureEmbedding(store.schema, 4)
+    assert not small.table.sparse
+    initial = small.table.weight.detach().clone()
+    large = copy.deepcopy(small)
+    large.table.sparse = True  # what a table over DENSE_GRADIENT_MAX_ELEMENTS weights gets
+    batches = list(store.split("train").batches(64, shuffle=True, seed=0))[:3]
+    for module in (small, large):
+        optimizers = Optimizers(module, sparse_lr=0.1)
+        assert isinstance(optimizers.sparse, RowWiseAdagrad) and optimizers.dense is None
+        for batch in batches:
+            optimizers.zero_grad()
+            module.fields(batch).square().sum().backward()
+            assert module.table.weight.grad.is_sparse == module.table.sparse
+            optimizers.step()
+    torch.testing.assert_close(small.table.weight, large.table.weight, rtol=0, atol=1e-6)
+    assert (small.table.weight != initial).any(1).sum() > 10
 
 
 def test_two_processes_with_torchrun(store, tmp_path):

@@ -80,6 +80,15 @@ def validate(raw: RawDataset) -> None:
         if bad.any():
             row = int(bad.arg_true()[0])
             raise DataError(f"{origin}: label column {label!r}, row {row}: value {col[row]!r} is not 0 or 1")
+    for f in schema.histories:
+        for column, value in (f.where or {}).items():
+            dtype = frame[column].dtype
+            numeric_value = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if (dtype.is_numeric() and not numeric_value) or (not dtype.is_numeric() and numeric_value):
+                raise DataError(
+                    f"{origin}: history {f.name!r} filters column {column!r} ({dtype}) on {value!r} "
+                    f"({type(value).__name__}); the types must match"
+                )
     if schema.time is not None:
         if not (frame[schema.time].dtype.is_numeric() or frame[schema.time].dtype.is_temporal()):
             raise DataError(f"{origin}: time column {schema.time!r} has dtype {frame[schema.time].dtype}")
@@ -104,6 +113,11 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     validate(raw)
     schema = raw.schema.model_copy(deep=True)
     frame = raw.frame.with_row_index("_row")
+    # timeline views from the raw values: users unseen in train must not share the OOV timeline
+    views = {
+        view: timeline_view(frame, schema.user, schema.time, _matches(frame, where))
+        for view, where in schema.history_views.items()
+    }
     codes = assign_splits(frame, schema, split)
     frame = frame.with_columns(pl.Series("_split", codes))
     train = frame.filter(pl.col("_split") == 0)
@@ -115,23 +129,25 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "vocab").mkdir(parents=True)
 
-    # vocabularies: fitted on train values of every feature that uses them
+    # vocabularies: fitted on train values of every feature that uses them; counted and encoded
+    # in the columns' own dtype (strings only where features of one vocabulary differ in dtype),
+    # stored with string values
     encoded: dict[str, pl.Expr] = {}
     for vocab in schema.vocabs:
         users = [f for f in schema.categorical + schema.sequences if f.vocab == vocab and f.timeline is None]
-        values = pl.concat(
-            [_as_str(train[f.name].explode() if f.kind is Kind.SEQUENCE else train[f.name]) for f in users]
-        )
+        parts = [train[f.name].explode() if f.kind is Kind.SEQUENCE else train[f.name] for f in users]
+        if len({part.dtype for part in parts}) > 1:
+            parts = [part.cast(pl.String) for part in parts]
+        values = pl.concat([part.rename("value") for part in parts])
         min_count = max(f.min_count for f in users)
         table = (
             values.value_counts(name="count")
-            .with_columns(pl.col("count").cast(pl.Int64))
+            .with_columns(pl.col("count").cast(pl.Int64), pl.col("value").cast(pl.String).alias("text"))
             .filter(pl.col("count") >= min_count)
-            .sort(["count", values.name], descending=[True, False])
+            .sort(["count", "text"], descending=[True, False])
             .with_columns(pl.int_range(N_RESERVED, pl.len() + N_RESERVED, dtype=pl.Int32).alias("index"))
-            .rename({values.name: "value"})
         )
-        table.write_parquet(tmp / "vocab" / f"{vocab}.parquet")
+        table.select(pl.col("text").alias("value"), "count", "index").write_parquet(tmp / "vocab" / f"{vocab}.parquet")
         schema.vocab_sizes[vocab] = table.height + N_RESERVED
         for f in users:
             col = pl.col(f.name)
@@ -154,20 +170,18 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
             for n, s in normalisers.items()
         )
 
-    # timelines: all rows sorted by (user, time, row); a sample's history ends at the first
-    # event of its user with the same time, so only strictly earlier events are seen
+    # timelines: one per view (all events, or those matching a history's ``where``), each sorted
+    # by (user, time, row); a sample's window [start, end) in a view holds its user's events of
+    # that view strictly before the sample's time
     if schema.histories:
-        frame = frame.sort([schema.user, schema.time, "_row"]).with_columns(
-            pl.int_range(pl.len(), dtype=pl.Int64).alias("_tl_pos")
-        )
-        frame = frame.with_columns(
-            pl.col("_tl_pos").min().over(schema.user).alias("_hist_start"),
-            pl.col("_tl_pos").min().over([schema.user, schema.time]).alias("_hist_end"),
-        )
         (tmp / "timeline").mkdir()
-        for field in sorted({f.timeline for f in schema.histories}):
-            np.save(tmp / "timeline" / f"{field}.npy", frame[field].to_numpy().astype(np.int32))
-        frame = frame.sort("_row")
+        bounds = {}
+        for view, (order, start, end) in views.items():
+            bounds |= {f"_hist_start{_suffix(view)}": start, f"_hist_end{_suffix(view)}": end}
+            for field in sorted({f.timeline for f in schema.histories if f.view == view}):
+                values = frame[field].to_numpy().astype(np.int32)[order]
+                np.save(tmp / "timeline" / f"{field}{_suffix(view)}.npy", values)
+        frame = frame.with_columns(pl.Series(name, values) for name, values in bounds.items())
 
     # pretrained vectors: one table row per distinct key value (content is known for new ids too)
     if schema.embeddings:
@@ -184,12 +198,44 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     return Store.open(out)
 
 
-def _as_str(series: pl.Series) -> pl.Series:
-    return series.cast(pl.String).rename("value")
+def _suffix(view: str) -> str:
+    """File-name suffix of a timeline view: none for all events, ``@<view>`` for a filtered one."""
+    return f"@{view}" if view else ""
+
+
+def _matches(frame: pl.DataFrame, where: dict[str, str | int | float | bool]) -> np.ndarray:
+    """Rows whose raw columns equal every value of ``where`` (all rows for {}) -> [N] bool."""
+    if not where:
+        return np.ones(frame.height, dtype=bool)
+    return frame.select(pl.all_horizontal(pl.col(c) == pl.lit(v) for c, v in where.items()))[:, 0].to_numpy()
+
+
+def timeline_view(
+    frame: pl.DataFrame, user: str, time: str, in_view: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One timeline view: its events and every row's window into it.
+
+    The view's events are the rows where ``in_view``, sorted by (user, time, row). Returns
+    ``order`` (their row indices in that order, [E]) and per row of ``frame`` the window
+    ``[start, end)`` ([N] each) of its user's view events strictly before the row's time.
+    """
+    keys = frame.select(
+        pl.col(user).rank("dense").cast(pl.Int64).alias("u"), pl.col(time).rank("dense").cast(pl.Int64).alias("t")
+    )
+    span = int(keys["t"].max()) + 1
+    user_key = keys["u"].to_numpy() * span  # [N]
+    key = user_key + keys["t"].to_numpy()  # (user, time) as one sortable int64: [N]
+    events = np.flatnonzero(in_view)
+    order = events[np.argsort(key[events], kind="stable")]  # ties in time keep row order: [E]
+    sorted_keys = key[order]
+    start = np.searchsorted(sorted_keys, user_key, side="left")  # first event of the user
+    end = np.searchsorted(sorted_keys, key, side="left")  # first event at or after the row's time
+    return order, start.astype(np.int64), end.astype(np.int64)
 
 
 def _encode(expr: pl.Expr, table: pl.DataFrame) -> pl.Expr:
-    return expr.cast(pl.String).replace_strict(table["value"], table["index"], default=OOV, return_dtype=pl.Int32)
+    """Vocabulary index of each value (OOV for values not in ``table``), in the table's value dtype."""
+    return expr.cast(table["value"].dtype).replace_strict(table["value"], table["index"], default=OOV, return_dtype=pl.Int32)
 
 
 def _embedding_tables(raw: RawDataset, frame: pl.DataFrame, schema: Schema, out: Path) -> pl.DataFrame:
@@ -219,9 +265,10 @@ def _write_split(part: pl.DataFrame, schema: Schema, out: Path) -> None:
     np.save(out / "numeric.npy", matrix([f.name for f in schema.numeric], np.float32))
     np.save(out / "labels.npy", matrix(schema.labels, np.float32))
     np.save(out / "row.npy", part["_row"].to_numpy().astype(np.int64))
-    if schema.histories:
-        np.save(out / "hist_start.npy", part["_hist_start"].to_numpy().astype(np.int64))
-        np.save(out / "hist_end.npy", part["_hist_end"].to_numpy().astype(np.int64))
+    for view in schema.history_views:
+        for bound in ("start", "end"):
+            name = f"hist_{bound}{_suffix(view)}"
+            np.save(out / f"{name}.npy", part[f"_{name}"].to_numpy().astype(np.int64))
     for f in schema.sequences:
         if f.timeline is None:
             lengths = part[f.name].list.len().to_numpy().astype(np.int64)

@@ -11,6 +11,7 @@ it is saved as ``schema.json`` beside the encoded store and inside every exporte
 
 from __future__ import annotations
 
+import hashlib
 import json
 from enum import Enum
 from pathlib import Path
@@ -37,6 +38,9 @@ class Feature(BaseModel):
     - ``timeline``: for a history sequence, the categorical column whose past values (strictly
       before the sample's time, in the same user's timeline) make the sequence. Without it a
       sequence is a list column of the raw table.
+    - ``where``: for a history, keep only the timeline's events whose raw columns equal these
+      values (e.g. ``{"domain": "target", "click": 1}``: the user's earlier clicks in one domain).
+      Histories with the same ``where`` share one filtered timeline.
     - ``key`` and ``dim``: for a pretrained embedding, the categorical feature whose id selects
       the row of the vector table, and the vector's width.
     - ``min_count``: values seen fewer times in the train split map to OOV.
@@ -49,6 +53,7 @@ class Feature(BaseModel):
     vocab: str | None = None
     max_len: int | None = None
     timeline: str | None = None
+    where: dict[str, str | int | float | bool] | None = None
     key: str | None = None
     dim: int | None = None
     min_count: int = 1
@@ -61,11 +66,20 @@ class Feature(BaseModel):
             raise ValueError(f"sequence feature {self.name!r} needs max_len")
         if self.kind is not Kind.SEQUENCE and self.timeline is not None:
             raise ValueError(f"feature {self.name!r}: only sequences take a timeline")
+        if self.where is not None and (self.timeline is None or not self.where):
+            raise ValueError(f"feature {self.name!r}: where filters a timeline; it needs timeline and >= 1 column")
         if self.kind is Kind.EMBEDDING and (self.key is None or not self.dim):
             raise ValueError(f"embedding feature {self.name!r} needs key and dim")
         if self.min_count < 1:
             raise ValueError(f"feature {self.name!r}: min_count must be >= 1")
         return self
+
+    @property
+    def view(self) -> str:
+        """Name of the timeline view a history reads: "" for all events, else a digest of ``where``."""
+        if not self.where:
+            return ""
+        return hashlib.sha1(json.dumps(self.where, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Schema(BaseModel):
@@ -155,8 +169,14 @@ class Schema(BaseModel):
             raise KeyError(f"vocabulary {vocab!r} has no size: prepare the data first")
         return self.vocab_sizes[vocab]
 
+    @property
+    def history_views(self) -> dict[str, dict[str, str | int | float | bool]]:
+        """Every timeline view the histories read: name -> filter ({} for all events)."""
+        return {f.view: dict(f.where or {}) for f in self.histories}
+
     def raw_columns(self) -> list[str]:
         cols = [f.name for f in self.features if f.timeline is None]
+        cols += [c for f in self.histories for c in (f.where or {}) if c not in cols]
         cols += [c for c in self.labels if c not in cols]
         if self.time is not None and self.time not in cols:
             cols.append(self.time)

@@ -21,15 +21,19 @@ class SplitConfig(BaseModel):
       valid and test (rows sharing a timestamp stay together).
     - ``leave_one_out``: per user, the last event is test, the one before it valid, the rest
       train (ties in time broken by row order).
+    - ``column``: the raw table's ``column`` names each row's split (train, valid, test, or
+      history: an event that is in the users' timelines but no split's sample), as a data
+      source that builds its own protocol sets it.
     - ``cross_domain``: see :func:`cross_domain_split` (uses ``item``, ``cold_domain`` and
       ``cold_user_ratio``).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["random", "temporal", "leave_one_out", "cross_domain"] = "random"
+    kind: Literal["random", "temporal", "leave_one_out", "column", "cross_domain"] = "random"
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
+    column: str = "split"
     item: str = "item_id"  # cross_domain: the item column
     cold_domain: str | None = None  # cross_domain: the domain whose cold-start users are held out
     cold_user_ratio: float = 0.0  # cross_domain: share of the overlapping users made cold there
@@ -42,8 +46,10 @@ class SplitConfig(BaseModel):
 
 
 def assign_splits(frame: pl.DataFrame, schema: Schema, config: SplitConfig) -> np.ndarray:
-    """Split code per row: 0 train, 1 valid, 2 test -> [N] int8."""
+    """Split code per row: 0 train, 1 valid, 2 test, -1 history only -> [N] int8."""
     n = frame.height
+    if config.kind == "column":
+        return split_from_column(frame, config.column)
     if config.kind == "random":
         order = np.random.default_rng(config.seed).permutation(n)
         return _cut(order, n, config.ratios)
@@ -84,6 +90,22 @@ def _cut(order: np.ndarray, n: int, ratios: tuple[float, float, float]) -> np.nd
     codes[order[:n_train]] = 0
     codes[order[n_train : n_train + n_valid]] = 1
     return codes
+
+
+#: values of a split column and their codes; "history" rows feed timelines only
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2, "history": -1}
+
+
+def split_from_column(frame: pl.DataFrame, column: str) -> np.ndarray:
+    """Split codes read from ``column`` (train / valid / test / history) -> [N] int8."""
+    if column not in frame.columns:
+        raise ValueError(f"a column split needs the column {column!r}; the table has {frame.columns}")
+    values = frame[column].cast(pl.String)
+    bad = ~values.is_in(list(SPLIT_CODES)) | values.is_null()
+    if bad.any():
+        row = int(bad.arg_true()[0])
+        raise ValueError(f"split column {column!r}, row {row}: {values[row]!r} is not one of {list(SPLIT_CODES)}")
+    return values.replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy()
 
 
 def cross_domain_split(frame: pl.DataFrame, schema: Schema, config: SplitConfig) -> np.ndarray:

@@ -4,12 +4,14 @@ Layout written by :func:`recforge.data.prepare.prepare`::
 
     schema.json  split.json  normalisers.json  vocab/<vocab>.parquet
     timeline/<field>.npy                 # [E] int32, every event sorted by (user, time, row)
+    timeline/<field>@<view>.npy          # [E_v] int32, the events of a filtered view (``Feature.where``)
     embedding/<feature>.npy              # [K, D] float32 pretrained vectors
     splits/<split>/categorical.npy       # [N, F_cat] int32
                    numeric.npy           # [N, F_num] float32 (normalised)
                    labels.npy            # [N, T] float32
                    row.npy               # [N] int64 row of the raw table
                    hist_start.npy, hist_end.npy   # [N] int64: the user's history is timeline[start:end]
+                   hist_start@<view>.npy, hist_end@<view>.npy   # the same window in a filtered view
                    <seq>.values.npy, <seq>.offsets.npy   # list columns as CSR
                    <emb>.index.npy       # [N] int32 row of the vector table
 
@@ -46,6 +48,10 @@ def last_window(values: np.ndarray, start: np.ndarray, end: np.ndarray, length: 
     return out
 
 
+def _view_name(stem: str, view: str) -> str:
+    return f"{stem}@{view}" if view else stem
+
+
 class Store:
     """An encoded data set on disk."""
 
@@ -71,7 +77,9 @@ class Store:
 
     @cached_property
     def timeline(self) -> dict[str, np.ndarray]:
-        return {f.timeline: _load(self.path / "timeline" / f"{f.timeline}.npy") for f in self.schema.histories}
+        """Timeline arrays keyed by file stem: ``<field>`` or ``<field>@<view>``."""
+        stems = {_view_name(f.timeline, f.view) for f in self.schema.histories}
+        return {stem: _load(self.path / "timeline" / f"{stem}.npy") for stem in stems}
 
     @cached_property
     def vectors(self) -> dict[str, np.ndarray]:
@@ -90,10 +98,12 @@ class SplitView:
         self.numeric = _load(root / "numeric.npy")
         self.labels = _load(root / "labels.npy")
         self.row = _load(root / "row.npy")
-        self.hist_start = self.hist_end = None
-        if self.schema.histories:
-            self.hist_start = _load(root / "hist_start.npy")
-            self.hist_end = _load(root / "hist_end.npy")
+        # per timeline view ("" = all events): each row's window [start, end) into it
+        self.windows = {
+            view: (_load(root / f"{_view_name('hist_start', view)}.npy"), _load(root / f"{_view_name('hist_end', view)}.npy"))
+            for view in self.schema.history_views
+        }
+        self.hist_start, self.hist_end = self.windows.get("", (None, None))
         self.lists = {
             f.name: (_load(root / f"{f.name}.values.npy"), _load(root / f"{f.name}.offsets.npy"))
             for f in self.schema.sequences
@@ -149,7 +159,8 @@ class SplitView:
         sequences = {}
         for f in self.schema.sequences:
             if f.timeline is not None:
-                values, start, end = self.store.timeline[f.timeline], self.hist_start[rows], self.hist_end[rows]
+                starts, ends = self.windows[f.view]
+                values, start, end = self.store.timeline[_view_name(f.timeline, f.view)], starts[rows], ends[rows]
             else:
                 values, offsets = self.lists[f.name]
                 start, end = offsets[rows], offsets[rows + 1]

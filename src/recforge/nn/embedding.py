@@ -1,8 +1,14 @@
 """Embedding of every categorical field and sequence with one fused table.
 
-All vocabularies of a schema are stacked into one ``nn.Embedding`` with sparse gradients, so
-that the categorical fields of a batch are embedded by a single lookup (``ids + offsets``) and
-the optimiser touches only the rows a batch uses. Features that share a vocabulary share rows.
+All vocabularies of a schema are stacked into one ``nn.Embedding``, so that the categorical
+fields of a batch are embedded by a single lookup (``ids + offsets``). Features that share a
+vocabulary share rows.
+
+A large table gets sparse gradients, so that the row-wise optimiser touches only the rows a
+batch uses. A table of at most :data:`DENSE_GRADIENT_MAX_ELEMENTS` weights gets a dense
+gradient instead: coalescing a sparse gradient (a sort of every looked-up id) then costs more
+than updating the whole table, and since an untouched row's gradient is zero the row-wise update
+is the same either way.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from torch import Tensor, nn
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
 
+DENSE_GRADIENT_MAX_ELEMENTS = 1 << 20  # 4 MiB of float32 weights
+
 
 class FeatureEmbedding(nn.Module):
-    """One sparse table over all vocabularies of ``schema``.
+    """One table over all vocabularies of ``schema``, trained by the row-wise optimiser.
 
     ``fields(batch)`` -> [B, F_cat, D] for the categorical fields;
     ``sequence(batch, name)`` -> [B, L, D] for a sequence feature (padding rows are zero);
@@ -30,7 +38,8 @@ class FeatureEmbedding(nn.Module):
         sizes = [schema.vocab_size(v) for v in names]
         starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
         self.vocab_offset = {v: int(s) for v, s in zip(names, starts)}
-        self.table = nn.Embedding(sum(sizes), dim, sparse=True)
+        rows = sum(sizes)
+        self.table = nn.Embedding(rows, dim, sparse=rows * dim > DENSE_GRADIENT_MAX_ELEMENTS)
         nn.init.normal_(self.table.weight, std=1e-2)
         field_offsets = [self.vocab_offset[f.vocab] for f in schema.categorical]
         self.register_buffer("field_offsets", torch.tensor(field_offsets, dtype=torch.long), persistent=False)

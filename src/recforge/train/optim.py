@@ -1,9 +1,11 @@
-"""Optimisers: AdamW for dense parameters, row-wise Adagrad for sparse embedding tables.
+"""Optimisers: AdamW for dense parameters, row-wise Adagrad for embedding tables.
 
-An ``nn.Embedding(sparse=True)`` (or ``nn.EmbeddingBag(sparse=True)``) produces a sparse
-gradient that names only the rows the batch looked up. :class:`RowWiseAdagrad` coalesces it and
-updates just those rows with ``index_add_`` / ``index_select``, so a step costs time in
-proportion to the rows a batch touches, not to the size of the table. Like production
+The embedding tables are the weights of :class:`~recforge.nn.embedding.FeatureEmbedding` and of
+any ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)``. A sparse gradient names
+only the rows the batch looked up: :class:`RowWiseAdagrad` coalesces it and updates just those
+rows with ``index_add_`` / ``index_select``, so a step costs time in proportion to the rows a
+batch touches, not to the size of the table. (Small tables get dense gradients, whose rows are
+zero where untouched, so that the update is the same.) Like production
 embedding trainers it keeps one accumulator per row (the running sum of the row's mean squared
 gradient): one float per row, where Adam would keep two per coordinate.
 
@@ -20,14 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from recforge.nn.embedding import FeatureEmbedding
+
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Trainable parameters as ``(dense, sparse)``; sparse ones are sparse-gradient table weights."""
+    """Trainable parameters as ``(dense, sparse)``; sparse ones are the embedding tables."""
     sparse_ids = {
         id(module.weight)
         for module in model.modules()
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
-    }
+    } | {id(module.table.weight) for module in model.modules() if isinstance(module, FeatureEmbedding)}
     dense: list[nn.Parameter] = []
     sparse: list[nn.Parameter] = []
     for param in model.parameters():  # shared parameters are listed once
