@@ -163,6 +163,13 @@ def test_cross_domain_split_cold_users_have_no_target_train_rows():
         assign_splits(frame, cross_domain_schema(), SplitConfig(kind="cross_domain", cold_domain="c", cold_user_ratio=0.2))
 
 
+def test_interactions_index_needs_domain_specific_items(tmp_path):
+    frame = cross_domain_frame(n_users=20).with_columns(pl.col("item_id").str.replace(r"^[ab]:", "x:"))
+    store = prepare(RawDataset(frame, cross_domain_schema(), "memory"), tmp_path / "s", SplitConfig(kind="cross_domain"))
+    with pytest.raises(ValueError, match=r"item \['x:\d+'\] occurs in several domains"):
+        DomainInteractions.from_store(store)
+
+
 # --- model parts ------------------------------------------------------------------------------
 def test_segment_sample_first_and_shuffled():
     ptr = torch.tensor([0, 3, 3, 7])

@@ -84,9 +84,9 @@ class DomainInteractions:
         item_domain[items] = domains
         mixed = np.flatnonzero(item_domain[items] != domains)
         if len(mixed):
-            raw = store.vocabulary(schema.feature(item).vocab).filter(store.vocabulary(schema.feature(item).vocab)["index"] == int(items[mixed[0]]))
-            value = raw["value"][0] if raw.height else int(items[mixed[0]])
-            raise ValueError(f"{store.path}: item {value!r} occurs in several domains; qualify item ids with their domain")
+            vocab_table = store.vocabulary(schema.feature(item).vocab)
+            value = vocab_table.filter(vocab_table["index"] == int(items[mixed[0]]))["value"].to_list()
+            raise ValueError(f"{store.path}: item {value} occurs in several domains; qualify item ids with their domain")
 
         segment = users * num_domains + domains
         keys = np.unique(segment * num_items + items)  # distinct (segment, item), sorted

@@ -234,7 +234,9 @@ class UniCDR(Model):
 
     # --- data ---------------------------------------------------------------------------------
     def bind(self, data: DomainInteractions) -> "UniCDR":
-        """Attach the train interactions (contexts, negatives, side features, item graph)."""
+        """Attach the train interactions (contexts, negatives, side features, item graph).
+
+        Call it before the optimiser is built: with ``side_features`` it adds the side table."""
         config = self.config
         if (data.num_users, data.num_items, data.num_domains) != (self.num_users, self.num_items, self.num_domains):
             raise ValueError(
