@@ -461,7 +461,7 @@ def test_run_table_writes_report_and_reuses_runs(tmp_path, monkeypatch):
         "datasets": [{"label": "Tiny", "source": "file", "options": {"path": str(tmp_path / "log.csv"), "schema": str(tmp_path / "schema.json")}}],
         "variants": [{"label": "UniCDR", "model": "unicdr", "params": small()},
                      {"label": "target-only", "model": "unicdr", "params": small(user_parts="specific")}],
-        "seeds": [0, 1], "eval_negatives": 10, "reference": "UniCDR",
+        "seeds": [0, 1], "eval_negatives": 10, "references": ["UniCDR"],
         "train": {"epochs": 1, "batch_size": 64, "monitor": "valid_ndcg@10"},
     }  # fmt: skip
     path = tmp_path / "tiny.yaml"

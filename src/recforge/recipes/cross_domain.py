@@ -309,7 +309,7 @@ class TableConfig(BaseModel):
     eval_seed: int = 0
     valid_rows: int | None = 2000  # validation rows per (domain, group) used for early stopping
     groups: list[str] = Field(default_factory=lambda: ["warm"])  # warm and / or cold rows in the table
-    reference: str | None = None  # a variant label: also tabulate each variant's change against it
+    references: list[str] = Field(default_factory=list)  # variant labels: tabulate each variant's change against them
 
     @classmethod
     def load(cls, path: str | Path) -> "TableConfig":
@@ -468,48 +468,46 @@ def _columns(table: TableConfig, results: dict) -> list[tuple[str, str]]:
 
 
 def render_table(table: TableConfig, results: dict) -> tuple[str, dict]:
-    """Markdown of the table (test HR@10 / NDCG@10, mean ± std over seeds) and the means for plotting."""
+    """Markdown of the table: one block per metric (rows: models, columns: data set and domain;
+    test split, mean ± std over seeds), the change against each reference; and the NDCG@10 means."""
     columns = _columns(table, results)
-    header = "| model | " + " | ".join(f"{label} {group.replace('_cold', ' (cold users)')} {m.upper()}" for label, group in columns for m in SHOWN) + " |"
-    lines = [header, "|---" + "|---:" * (len(columns) * len(SHOWN)) + "|"]
-    means: dict[str, dict[tuple[str, str], float]] = {}
-    rows: list[tuple[str, dict[tuple[str, str, str], list[float]]]] = []
-    popular: dict[tuple[str, str, str], list[float]] = {}
+    labels = [v.label for v in table.variants] + ["most popular (same candidates)"]
+    values: dict[tuple[str, str, str, str], list[float]] = {}  # (model, data set, group, metric) -> per seed
     for variant in table.variants:
-        values: dict[tuple[str, str, str], list[float]] = {}
         for label, group in columns:
             for run in results[label].get(variant.label, []):
                 for m in SHOWN:
-                    values.setdefault((label, group, m), []).append(run[f"test_{group}_{m}"])
-                    popular.setdefault((label, group, m), [run[f"test_popular_{group}_{m}"]])
-        rows.append((variant.label, values))
-    rows.append(("most popular (same candidates)", popular))
-    for label, values in rows:
-        cells = []
-        for column in columns:
-            for m in SHOWN:
-                found = values.get((*column, m), [])
+                    values.setdefault((variant.label, label, group, m), []).append(run[f"test_{group}_{m}"])
+                    values.setdefault((labels[-1], label, group, m), [run[f"test_popular_{group}_{m}"]])
+    header = "| model | " + " | ".join(f"{label} {group.replace('_cold', ' (cold users)')}" for label, group in columns) + " |"
+    rule = "|---" + "|---:" * len(columns) + "|"
+    blocks, means = [], {}
+    for m in reversed(SHOWN):  # NDCG@10 first
+        lines = [f"Test {m.upper()}:", "", header, rule]
+        for model in labels:
+            cells = []
+            for column in columns:
+                found = values.get((model, *column, m), [])
                 if not found:
                     cells.append("—")
                     continue
                 mean, std = _mean_std(found)
-                seeds = "" if len(found) == len(table.seeds) or label.startswith("most popular") else f" (n={len(found)})"
+                seeds = "" if len(found) == len(table.seeds) or model == labels[-1] else f" (n={len(found)})"
                 cells.append((f"{mean:.4f} ± {std:.4f}" if len(found) > 1 else f"{mean:.4f}") + seeds)
-                if m == "ndcg@10":
-                    means.setdefault(label, {})[column] = mean
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    if table.reference is not None:
-        ref = means[table.reference]
-        change = ["", f"Change of the mean test NDCG@10 against {table.reference}:", "",
-                  "| model | " + " | ".join(f"{label} {group}" for label, group in columns) + " |",
-                  "|---" + "|---:" * len(columns) + "|"]  # fmt: skip
-        for label, values in means.items():
-            if label == table.reference or label.startswith("most popular"):
+                means.setdefault(m, {}).setdefault(model, {})[column] = mean
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    ndcg = means.get("ndcg@10", {})
+    for reference in table.references:
+        ref = ndcg.get(reference, {})
+        lines = [f"Change of the mean test NDCG@10 against {reference}:", "", header, rule]
+        for model in labels[:-1]:
+            if model == reference or model not in ndcg:
                 continue
-            change.append(f"| {label} | " + " | ".join(f"{100 * (values[c] / ref[c] - 1):+.1f}%" if c in values and c in ref else "—" for c in columns) + " |")
-        text += "\n" + "\n".join(change)
-    return text, means
+            cells = [f"{100 * (ndcg[model][c] / ref[c] - 1):+.1f}%" if c in ndcg[model] and c in ref else "—" for c in columns]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks), ndcg
 
 
 def plot_table(table: TableConfig, means: dict, path: Path) -> None:
@@ -522,14 +520,14 @@ def plot_table(table: TableConfig, means: dict, path: Path) -> None:
     labels = list(means)
     columns = list(dict.fromkeys(c for values in means.values() for c in values))
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(columns) + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(columns) + 2), 4.8))
     for k, label in enumerate(labels):
         ax.bar(np.arange(len(columns)) + k * width, [means[label].get(c, np.nan) for c in columns], width, label=label)
     ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2)
     ax.set_xticklabels([f"{a}\n{b.replace('_cold', ' (cold)')}" for a, b in columns], fontsize=8)
     ax.set_ylabel("test NDCG@10 (1 + 999 sampled)")
     ax.set_title(table.title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
