@@ -281,10 +281,10 @@ class UniCDR(Model):
         """V[i] (+ side features, item-graph propagation when on) -> [..., D]."""
         if self.config.item_graph:
             flat = ids.reshape(-1)
-            # e~_i = sum_k M_ik e_k, M = mean_{h=0..H} A^h (top entries): [N, D]
+            # e~_i = sum_k M_ik e_k, M = mean_{h=0..H} A^h (top entries): [N, D]; a dense gradient
+            # (K rows per item make a sparse one costly to coalesce; untouched rows get zero steps)
             vectors = F.embedding_bag(
-                self.item_neighbours[flat], self.items.weight, per_sample_weights=self.item_weights[flat],
-                mode="sum", sparse=self.config.sparse_embeddings,
+                self.item_neighbours[flat], self.items.weight, per_sample_weights=self.item_weights[flat], mode="sum",
             ).reshape(*ids.shape, -1)  # fmt: skip
         else:
             vectors = self.items(ids)
