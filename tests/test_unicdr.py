@@ -180,6 +180,12 @@ def test_segment_sample_first_and_shuffled():
     draws = segment_sample(ptr, values, torch.tensor([2] * 200), torch.tensor([2] * 200), 3, shuffle=True)
     assert (draws[:, 2] == 0).all() and (draws[:, 0] != draws[:, 1]).all()
     assert set(draws[:, :2].flatten().tolist()) == {10, 11, 12, 13}  # uniform over the segment
+    # a segment longer than 4 x width: distinct entries, uniform over all of it
+    ptr, values = torch.tensor([0, 100]), torch.arange(1, 101)
+    draws = segment_sample(ptr, values, torch.zeros(3000, dtype=torch.long), torch.full((3000,), 5), 5, shuffle=True)
+    assert all(len(set(row)) == 5 for row in draws.tolist())
+    counts = torch.bincount(draws.flatten(), minlength=101)[1:].float()
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
 
 
 @pytest.mark.parametrize("kind", ["mean", "user_attention", "self_attention"])

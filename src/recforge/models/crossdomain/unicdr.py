@@ -123,20 +123,37 @@ class UniCDRConfig(ModelConfig):
 def segment_sample(ptr: Tensor, values: Tensor, segment: Tensor, take: Tensor, width: int, shuffle: bool) -> Tensor:
     """Up to ``take[b]`` entries of ``values[ptr[s]:ptr[s+1]]`` for ``s = segment[b]`` -> [B, width], 0-padded.
 
-    ``shuffle``: a uniform sample without replacement; otherwise the first entries.
+    ``shuffle``: a uniform sample without replacement; otherwise the first entries. Segments
+    longer than ``4 * width`` draw ``3 * width`` positions with replacement and keep the first
+    distinct ones (at least ``width`` of them but with negligible probability), so that a long
+    history costs no more than a short one.
     """
     start, stop = ptr[segment], ptr[segment + 1]  # [B]
     length = stop - start
-    span = max(int(length.max()) if len(length) else 0, 1)
-    position = torch.arange(span, device=ptr.device)  # [L]
-    valid = position[None, :] < length[:, None]  # [B, L]
-    index = (start[:, None] + position[None, :]).clamp(max=max(len(values) - 1, 0))
-    ids = values[index] if len(values) else torch.zeros_like(index)  # [B, L]
-    keys = torch.rand(valid.shape, device=ptr.device) if shuffle else position[None, :].float().expand(valid.shape)
-    keys = keys.masked_fill(~valid, math.inf)
-    chosen = keys.topk(min(width, span), dim=1, largest=False).indices  # [B, w]
-    picked = ids.gather(1, chosen)
-    keep = torch.arange(picked.shape[1], device=ptr.device)[None, :] < torch.minimum(take, length)[:, None]
+    take = torch.minimum(take, length)
+    short = max(4 * width, 1)
+    span = min(max(int(length.max()) if len(length) else 0, 1), short if shuffle else width)
+    position = torch.arange(span, device=ptr.device).expand(len(segment), span)  # [B, L]
+    valid = position < length[:, None]
+    if shuffle:
+        keys = torch.rand(valid.shape, device=ptr.device).masked_fill(~valid, math.inf)
+        position = keys.topk(min(width, span), dim=1, largest=False).indices  # [B, w] distinct positions
+        long = length > short
+        if long.any():
+            draws = (torch.rand(int(long.sum()), 3 * width, device=ptr.device) * length[long, None]).long()  # [R, 3w]
+            ordered, order = draws.sort(1)
+            repeat = torch.zeros_like(ordered, dtype=torch.bool)
+            repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+            duplicate = torch.zeros_like(repeat).scatter(1, order, repeat)  # later copies, in draw order
+            first = torch.argsort(duplicate.int(), dim=1, stable=True)[:, : position.shape[1]]
+            position = position.clone()
+            position[long] = draws.gather(1, first)
+            distinct = torch.full_like(take, width)
+            distinct[long] = (~duplicate).sum(1)
+            take = torch.minimum(take, distinct)
+    index = (start[:, None] + position).clamp(max=max(len(values) - 1, 0))
+    picked = values[index] if len(values) else torch.zeros_like(index)  # [B, w]
+    keep = torch.arange(picked.shape[1], device=ptr.device)[None, :] < take[:, None]
     picked = picked * keep
     return F.pad(picked, (0, width - picked.shape[1]))  # [B, width]
 
