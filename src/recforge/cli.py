@@ -169,5 +169,21 @@ def study(
     console.print_json(json.dumps(summary))
 
 
+@app.command("cross-domain-rec")
+def cross_domain_rec(
+    config: Path,
+    out: Annotated[Path, typer.Option(help="root of the run folders")] = Path("runs/cross_domain"),
+    dataset: Annotated[Optional[list[str]], typer.Option(help="train only the data set with this label (repeatable)")] = None,
+    report_only: Annotated[bool, typer.Option(help="write the report from the finished runs, train nothing")] = False,
+) -> None:
+    """Run a cross-domain table (data sets x models x seeds) of CONFIG and write it into its report."""
+    from recforge.recipes.cross_domain import run_table
+
+    try:
+        run_table(config, out, STORE_ROOT, only=dataset, train=not report_only)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+
+
 if __name__ == "__main__":
     app()

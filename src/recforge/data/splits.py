@@ -24,14 +24,19 @@ class SplitConfig(BaseModel):
     - ``column``: the raw table's ``column`` names each row's split (train, valid, test, or
       history: an event that is in the users' timelines but no split's sample), as a data
       source that builds its own protocol sets it.
+    - ``cross_domain``: see :func:`cross_domain_split` (uses ``item``, ``cold_domain`` and
+      ``cold_user_ratio``).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["random", "temporal", "leave_one_out", "column"] = "random"
+    kind: Literal["random", "temporal", "leave_one_out", "column", "cross_domain"] = "random"
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     column: str = "split"
+    item: str = "item_id"  # cross_domain: the item column
+    cold_domain: str | None = None  # cross_domain: the domain whose cold-start users are held out
+    cold_user_ratio: float = 0.0  # cross_domain: share of the overlapping users made cold there
 
     @model_validator(mode="after")
     def _check(self) -> "SplitConfig":
@@ -48,6 +53,8 @@ def assign_splits(frame: pl.DataFrame, schema: Schema, config: SplitConfig) -> n
     if config.kind == "random":
         order = np.random.default_rng(config.seed).permutation(n)
         return _cut(order, n, config.ratios)
+    if config.kind == "cross_domain":
+        return cross_domain_split(frame, schema, config)
     if schema.time is None:
         raise ValueError(f"a {config.kind} split needs the schema's time column")
     time = frame[schema.time].to_numpy()
@@ -99,3 +106,65 @@ def split_from_column(frame: pl.DataFrame, column: str) -> np.ndarray:
         row = int(bad.arg_true()[0])
         raise ValueError(f"split column {column!r}, row {row}: {values[row]!r} is not one of {list(SPLIT_CODES)}")
     return values.replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy()
+
+
+def cross_domain_split(frame: pl.DataFrame, schema: Schema, config: SplitConfig) -> np.ndarray:
+    """Split code per row (0 train, 1 valid, 2 test) of a multi-domain interaction table -> [N] int8.
+
+    Needs the schema's user and domain columns and the ``config.item`` column; rows are ordered
+    by the schema's time column when it has one, else by row order.
+
+    - Per (user, domain), leave-one-out over the distinct items: the last interaction is test
+      and the one before it valid, so that every (user, domain) keeps at least one train item
+      (test needs 2 distinct items, valid 3). Every row of a held-out (user, domain, item)
+      interaction follows it, so no interaction is in train and in valid or test.
+    - Cold-start users: when ``cold_domain`` is set, ``cold_user_ratio`` of the users that have
+      rows in ``cold_domain`` and in another domain (drawn with ``seed``) lose their train rows
+      there: all their ``cold_domain`` rows go to valid (the first half of them) or test (the
+      second half); their other domains are split as above.
+    """
+    if schema.user is None or schema.domain is None:
+        raise ValueError("a cross_domain split needs the schema's user and domain columns")
+    if config.item not in frame.columns:
+        raise ValueError(f"a cross_domain split needs the item column {config.item!r}; the table has {frame.columns}")
+    if not 0.0 <= config.cold_user_ratio < 1.0:
+        raise ValueError(f"cold_user_ratio must be in [0, 1), got {config.cold_user_ratio}")
+    user, domain, item = schema.user, schema.domain, config.item
+    time = [schema.time] if schema.time is not None else []
+    rows = frame.select(user, domain, item, *time).with_columns(pl.int_range(pl.len()).alias("_row"))
+    pair = [user, domain]
+    # each distinct interaction is placed at its last occurrence; rank 0 = the last of its pair
+    interactions = rows.group_by([*pair, item]).agg(pl.col([*time, "_row"]).max()).with_columns(
+        pl.struct(*time, "_row").rank("ordinal", descending=True).over(pair).sub(1).alias("_from_end"),
+        pl.len().over(pair).alias("_n"),
+    ).with_columns(
+        pl.when((pl.col("_from_end") == 0) & (pl.col("_n") >= 2))
+        .then(2)
+        .when((pl.col("_from_end") == 1) & (pl.col("_n") >= 3))
+        .then(1)
+        .otherwise(0)
+        .cast(pl.Int8)
+        .alias("_code")
+    )
+    coded = rows.join(interactions.select(*pair, item, "_code"), on=[*pair, item], how="left")
+    if config.cold_domain is not None and config.cold_user_ratio > 0:
+        coded = _hold_out_cold_users(coded, user, domain, config)
+    return coded.sort("_row")["_code"].to_numpy().astype(np.int8)
+
+
+def _hold_out_cold_users(coded: pl.DataFrame, user: str, domain: str, config: SplitConfig) -> pl.DataFrame:
+    """Move all ``cold_domain`` rows of a seeded share of the overlapping users to valid / test."""
+    cold = str(config.cold_domain)
+    domains = coded[domain].cast(pl.String)
+    if cold not in set(domains.unique().to_list()):
+        raise ValueError(f"cold_domain {cold!r} is not a value of the domain column {domain!r}")
+    in_cold = coded.filter(domains == cold)[user].unique()
+    elsewhere = coded.filter(domains != cold)[user].unique()
+    overlapping = np.sort(in_cold.filter(in_cold.is_in(elsewhere.implode())).to_numpy())
+    n_cold = int(round(config.cold_user_ratio * len(overlapping)))
+    chosen = np.random.default_rng(config.seed).permutation(len(overlapping))[:n_cold]
+    held = pl.DataFrame({user: overlapping[chosen], "_cold_code": np.where(np.arange(n_cold) < n_cold // 2, 1, 2).astype(np.int8)})
+    held = held.with_columns(pl.col(user).cast(coded[user].dtype))
+    coded = coded.join(held, on=user, how="left")
+    is_cold_row = (pl.col(domain).cast(pl.String) == cold) & pl.col("_cold_code").is_not_null()
+    return coded.with_columns(pl.when(is_cold_row).then(pl.col("_cold_code")).otherwise(pl.col("_code")).alias("_code"))

@@ -1,0 +1,1 @@
+"""Multi-stage training and evaluation protocols built from the core pieces."""

@@ -51,6 +51,10 @@ _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "movielens-1m-funnel": ("movielens_funnel", {}),
     "ali-ccp": ("ali_ccp", {}),
     "synthetic": ("synthetic", {}),
+    "amazon-cross-sport-cloth": ("amazon_crossdomain", {"pair": "sport_cloth"}),
+    "amazon-cross-phone-electronic": ("amazon_crossdomain", {"pair": "phone_electronic"}),
+    "amazon-cross-sport-phone": ("amazon_crossdomain", {"pair": "sport_phone"}),
+    "amazon-cross-cloth-electronic": ("amazon_crossdomain", {"pair": "cloth_electronic"}),
 }
 SOURCES = (*_SOURCES, "file")
 
