@@ -135,5 +135,23 @@ def models() -> None:
     console.print(table)
 
 
+@app.command("cold-start")
+def cold_start(
+    config: Path,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override, e.g. seeds=[0]")] = None,
+    backbone: Annotated[Optional[list[str]], typer.Option(help="run only this backbone (repeatable)")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="results JSON; finished runs in it are kept (default: the report's .json)")] = None,
+) -> None:
+    """Item cold start (GME / MetaEmb): pre-train each backbone, meta-train the generators, evaluate cold and after warm-ups a, b, c; writes the report table and plot."""
+    from recforge.recipes.cold_start import load_cold_start_config, run_cold_start
+
+    try:
+        cfg = load_cold_start_config(config, set_)
+        run_cold_start(cfg, STORE_ROOT, backbones=backbone, results_path=results)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    console.print(f"report written to [bold]{cfg.report}[/]")
+
+
 if __name__ == "__main__":
     app()

@@ -3,6 +3,7 @@
 from recforge.models.base import Model, ModelConfig, build_model, register, registered
 from recforge.models.multitask import esmm, mmoe  # noqa: F401
 from recforge.models.ranking import dcnv2, deepfm, din, dnn, fm, lr  # noqa: F401
+from recforge.models.ranking import autoint, pnn, wide_deep  # noqa: F401
 from recforge.models.retrieval import two_tower  # noqa: F401
 
 __all__ = ["Model", "ModelConfig", "build_model", "register", "registered"]

@@ -43,6 +43,7 @@ def text_lines(source: bytes | Path, origin: str) -> pl.DataFrame:
 _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "movielens-1m": ("movielens", {"variant": "1m"}),
     "movielens-100k": ("movielens", {"variant": "100k"}),
+    "movielens-1m-coldstart": ("movielens_coldstart", {}),
     "amazon-beauty": ("amazon_sequential", {"name": "Beauty"}),
     "amazon-sports": ("amazon_sequential", {"name": "Sports_and_Outdoors"}),
     "amazon-toys": ("amazon_sequential", {"name": "Toys_and_Games"}),
