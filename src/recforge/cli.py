@@ -147,7 +147,8 @@ def cold_start(
 
     try:
         cfg = load_cold_start_config(config, set_)
-        run_cold_start(cfg, STORE_ROOT, backbones=backbone, results_path=results)
+        command = " ".join(["recforge cold-start", str(config), *(f"--set {o}" for o in set_ or []), *(f"--backbone {b}" for b in backbone or [])])
+        run_cold_start(cfg, STORE_ROOT, backbones=backbone, results_path=results, command=command)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     console.print(f"report written to [bold]{cfg.report}[/]")

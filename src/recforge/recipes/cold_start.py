@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -224,8 +226,13 @@ def run_cold_start(
     store_root: Path = Path("runs/stores"),
     backbones: list[str] | None = None,
     results_path: Path | None = None,
+    command: str = "",
 ) -> list[dict[str, Any]]:
-    """Run every backbone x seed x method; results are appended to ``results_path`` as they come."""
+    """Run every backbone x seed x method; results are appended to ``results_path`` as they come.
+
+    Runs already in ``results_path`` are kept and not repeated; the report is rewritten from
+    all of its records (``command`` is quoted in it as the way to reproduce them).
+    """
     from recforge.experiment import prepare_store
 
     torch.set_num_threads(int(config.train.get("num_threads") or torch.get_num_threads()))
@@ -241,10 +248,12 @@ def run_cold_start(
     results_path = results_path or Path(config.report).with_suffix(".json")
     records: list[dict[str, Any]] = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["backbone"], r["seed"], r["method"]) for r in records}
-    for backbone in backbones or list(config.backbones):
-        if backbone not in config.backbones:
-            raise ValueError(f"backbone {backbone!r} is not in the config's backbones {list(config.backbones)}")
-        for seed in config.seeds:
+    backbones = backbones or list(config.backbones)
+    unknown = [b for b in backbones if b not in config.backbones]
+    if unknown:
+        raise ValueError(f"backbones {unknown} are not in the config's backbones {list(config.backbones)}")
+    for seed in config.seeds:  # the first seed of every backbone first
+        for backbone in backbones:
             todo = [m for m in config.methods if (backbone, seed, m) not in done]
             if not todo:
                 continue
@@ -284,9 +293,9 @@ def run_cold_start(
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 results_path.write_text(json.dumps(records, indent=1))
             print(f"{backbone} seed {seed}: {time.perf_counter() - started:.0f}s", flush=True)
-            write_report(records, config, Path(config.report), item_counts=(len(old_items), len(new_items)), store=store)
+            write_report(records, config, Path(config.report), (len(old_items), len(new_items)), store, command)
     if records:
-        write_report(records, config, Path(config.report), item_counts=(len(old_items), len(new_items)), store=store)
+        write_report(records, config, Path(config.report), (len(old_items), len(new_items)), store, command)
     return records
 
 
@@ -306,7 +315,12 @@ def _cell(mean: float, std: float | None, digits: int = 4) -> str:
 
 
 def write_report(
-    records: list[dict[str, Any]], config: ColdStartConfig, path: Path, item_counts: tuple[int, int], store: Store
+    records: list[dict[str, Any]],
+    config: ColdStartConfig,
+    path: Path,
+    item_counts: tuple[int, int],
+    store: Store,
+    command: str = "",
 ) -> None:
     """The markdown table (and the AUC plot beside it) of every finished backbone x method."""
     summary = summarise(records)
@@ -328,8 +342,11 @@ def write_report(
         f"- meta-training: lr {config.meta_lr}, {config.meta_epochs} epoch(s) of pairs (a, b) and (b, c), "
         f"{config.meta_items} items x {config.shot} rows per step, generator {json.dumps(config.generator)}",
         f"- warm-up: Adam lr {config.warm_lr}, batch {config.warm_batch_size}, one epoch per batch",
-        "",
+        f"- machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s)",
     ]
+    if command:
+        lines.append(f"- reproduce: `{command}`")
+    lines.append("")
     for backbone in summary["backbone"].unique(maintain_order=True):
         part = summary.filter(pl.col("backbone") == backbone)
         lines += [f"## {backbone}", "", "| method | seeds | " + " | ".join(f"{p} AUC | {p} logloss" for p in PHASES) + " |"]
