@@ -362,6 +362,9 @@ def test_cold_start_command_writes_the_table_and_plot(tmp_path):
     mtime = (tmp_path / "report.json").stat().st_mtime_ns
     assert CliRunner().invoke(app, ["cold-start", str(tmp_path / "config.yaml")]).exit_code == 0
     assert (tmp_path / "report.json").stat().st_mtime_ns == mtime
+    (tmp_path / "report.md").unlink()
+    assert CliRunner().invoke(app, ["cold-start", str(tmp_path / "config.yaml"), "--report-only"]).exit_code == 0
+    assert (tmp_path / "report.md").read_text() == table
 
 
 def test_cold_start_config_rejects_a_split_without_new_item_ids(tmp_path):

@@ -227,11 +227,13 @@ def run_cold_start(
     backbones: list[str] | None = None,
     results_path: Path | None = None,
     command: str = "",
+    report_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every backbone x seed x method; results are appended to ``results_path`` as they come.
 
     Runs already in ``results_path`` are kept and not repeated; the report is rewritten from
     all of its records (``command`` is quoted in it as the way to reproduce them).
+    ``report_only`` runs nothing and only rewrites the report.
     """
     from recforge.experiment import prepare_store
 
@@ -252,7 +254,7 @@ def run_cold_start(
     unknown = [b for b in backbones if b not in config.backbones]
     if unknown:
         raise ValueError(f"backbones {unknown} are not in the config's backbones {list(config.backbones)}")
-    for seed in config.seeds:  # the first seed of every backbone first
+    for seed in [] if report_only else config.seeds:  # the first seed of every backbone first
         for backbone in backbones:
             todo = [m for m in config.methods if (backbone, seed, m) not in done]
             if not todo:
