@@ -18,7 +18,6 @@ from recforge.models.coldstart.gme import (
     GMEConfig,
     GraphMetaEmbedding,
     NeighbourAttention,
-    feature_embedding,
     meta_loss,
     top_neighbours,
 )
