@@ -185,5 +185,25 @@ def cross_domain_rec(
         _fail(err)
 
 
+@app.command("cold-start")
+def cold_start(
+    config: Path,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override, e.g. seeds=[0]")] = None,
+    backbone: Annotated[Optional[list[str]], typer.Option(help="run only this backbone (repeatable)")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="results JSON; finished runs in it are kept (default: the report's .json)")] = None,
+    report_only: Annotated[bool, typer.Option(help="run nothing; rewrite the report from the results JSON")] = False,
+) -> None:
+    """Item cold start (GME / MetaEmb): pre-train each backbone, meta-train the generators, evaluate cold and after warm-ups a, b, c; writes the report table and plot."""
+    from recforge.recipes.cold_start import load_cold_start_config, run_cold_start
+
+    try:
+        cfg = load_cold_start_config(config, set_)
+        command = " ".join(["recforge cold-start", str(config), *(f"--set {o}" for o in set_ or []), *(f"--backbone {b}" for b in backbone or [])])
+        run_cold_start(cfg, STORE_ROOT, backbones=backbone, results_path=results, command=command, report_only=report_only)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    console.print(f"report written to [bold]{cfg.report}[/]")
+
+
 if __name__ == "__main__":
     app()

@@ -1,6 +1,7 @@
 """Raw table + schema -> encoded store on disk.
 
-Vocabularies and numeric normalisers are fitted on the train split only. Index 0 is padding,
+Vocabularies and numeric normalisers are fitted on the train split only (or on the splits
+that ``SplitConfig.fit_on`` names). Index 0 is padding,
 1 is OOV (unseen in train, or seen fewer than ``min_count`` times); known values get 2.. in
 order of decreasing train frequency. The store holds, per split, one int32 matrix of all
 categorical columns, one float32 matrix of numeric columns and one of labels; sequences are
@@ -120,9 +121,9 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     }
     codes = assign_splits(frame, schema, split)
     frame = frame.with_columns(pl.Series("_split", codes))
-    train = frame.filter(pl.col("_split") == 0)
-    if train.height == 0:
+    if not (codes == 0).any():
         raise DataError(f"{raw.origin}: the {split.kind} split left no training rows")
+    train = frame.filter(pl.col("_split").is_in([SPLITS.index(name) for name in split.fit_on]))
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

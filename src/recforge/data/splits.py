@@ -1,4 +1,5 @@
-"""Train / valid / test assignment of rows: random, temporal (global time cut), leave-one-out."""
+"""Train / valid / test assignment of rows: random, temporal (global time cut), leave-one-out,
+cold start (old items train, new items' first samples valid, their later samples test)."""
 
 from __future__ import annotations
 
@@ -26,22 +27,41 @@ class SplitConfig(BaseModel):
       source that builds its own protocol sets it.
     - ``cross_domain``: see :func:`cross_domain_split` (uses ``item``, ``cold_domain`` and
       ``cold_user_ratio``).
+    - ``cold_start``: items (column ``item``) with at least ``old_min_count`` rows are old: all
+      their rows are train. Items with ``new_min_count`` to ``old_min_count - 1`` rows are new:
+      their first ``warm_rows`` rows in time are valid (the warm-up data), the rest test. The
+      rows must be in time order (the recipe ranks a split's rows by their row index), and every
+      item must be old or new; a source filters rarer items out explicitly.
+
+    ``fit_on`` names the splits whose rows fit vocabularies and normalisers; a cold-start
+    protocol adds "valid" so that new items, known before their warm-up, get their own ids.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["random", "temporal", "leave_one_out", "column", "cross_domain"] = "random"
+    kind: Literal["random", "temporal", "leave_one_out", "column", "cross_domain", "cold_start"] = "random"
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
+    fit_on: tuple[str, ...] = ("train",)
     column: str = "split"
-    item: str = "item_id"  # cross_domain: the item column
+    item: str = "item_id"  # cross_domain and cold_start: the item column
     cold_domain: str | None = None  # cross_domain: the domain whose cold-start users are held out
     cold_user_ratio: float = 0.0  # cross_domain: share of the overlapping users made cold there
+    old_min_count: int = 300
+    new_min_count: int = 80
+    warm_rows: int = 60
 
     @model_validator(mode="after")
     def _check(self) -> "SplitConfig":
         if min(self.ratios) < 0 or abs(sum(self.ratios) - 1.0) > 1e-6:
             raise ValueError(f"split ratios must be >= 0 and sum to 1, got {self.ratios}")
+        if "train" not in self.fit_on or not set(self.fit_on) <= set(SPLITS):
+            raise ValueError(f"split fit_on must include 'train' and name only {SPLITS}, got {self.fit_on}")
+        if not 0 < self.warm_rows < self.new_min_count < self.old_min_count:
+            raise ValueError(
+                "cold_start split needs 0 < warm_rows < new_min_count < old_min_count, got "
+                f"{self.warm_rows}, {self.new_min_count}, {self.old_min_count}"
+            )
         return self
 
 
@@ -57,6 +77,8 @@ def assign_splits(frame: pl.DataFrame, schema: Schema, config: SplitConfig) -> n
         return cross_domain_split(frame, schema, config)
     if schema.time is None:
         raise ValueError(f"a {config.kind} split needs the schema's time column")
+    if config.kind == "cold_start":
+        return _cold_start(frame, schema.time, config)
     time = frame[schema.time].to_numpy()
     if config.kind == "temporal":
         train_end, valid_end = np.quantile(time, [config.ratios[0], config.ratios[0] + config.ratios[1]])
@@ -168,3 +190,36 @@ def _hold_out_cold_users(coded: pl.DataFrame, user: str, domain: str, config: Sp
     coded = coded.join(held, on=user, how="left")
     is_cold_row = (pl.col(domain).cast(pl.String) == cold) & pl.col("_cold_code").is_not_null()
     return coded.with_columns(pl.when(is_cold_row).then(pl.col("_cold_code")).otherwise(pl.col("_code")).alias("_code"))
+
+
+def _cold_start(frame: pl.DataFrame, time_column: str, config: SplitConfig) -> np.ndarray:
+    if config.item not in frame.columns:
+        raise ValueError(f"cold_start split: item column {config.item!r} is not in the table {frame.columns}")
+    time = frame[time_column].to_numpy()
+    if len(time) > 1 and (np.diff(time) < 0).any():
+        row = int(np.flatnonzero(np.diff(time) < 0)[0]) + 1
+        raise ValueError(f"cold_start split: rows must be in time order; row {row} of column {time_column!r} goes back in time")
+    item = frame[config.item].to_numpy()
+    count = frame.select(pl.len().over(config.item)).to_series().to_numpy()
+    rare = count < config.new_min_count
+    if rare.any():
+        row = int(np.flatnonzero(rare)[0])
+        raise ValueError(
+            f"cold_start split: {config.item} {frame[config.item][row]!r} (row {row}) has {count[row]} rows, fewer than "
+            f"new_min_count={config.new_min_count}; filter such items out in the source"
+        )
+    rank = rank_within(item)
+    codes = np.where(rank < config.warm_rows, 1, 2).astype(np.int8)
+    codes[count >= config.old_min_count] = 0
+    return codes
+
+
+def rank_within(keys: np.ndarray) -> np.ndarray:
+    """0-based rank of each row among the rows with the same key, in row order -> [N] int64."""
+    order = np.argsort(keys, kind="stable")  # rows grouped by key, row order kept within a key
+    sorted_keys = keys[order]
+    starts = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(len(keys)), 0))
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[order] = np.arange(len(keys)) - group_start
+    return rank

@@ -5,6 +5,7 @@ from recforge.models.crossdomain import minet, shared_bottom, unicdr  # noqa: F4
 from recforge.models.multitask import esmm, mmoe  # noqa: F401
 from recforge.models.multitask import chorus_cvr, dcmt, escm2  # noqa: F401
 from recforge.models.ranking import dcnv2, deepfm, din, dnn, fm, lr  # noqa: F401
+from recforge.models.ranking import autoint, pnn, wide_deep  # noqa: F401
 from recforge.models.retrieval import two_tower  # noqa: F401
 
 __all__ = ["Model", "ModelConfig", "build_model", "register", "registered"]

@@ -13,6 +13,9 @@ is the same either way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +31,10 @@ class FeatureEmbedding(nn.Module):
     ``fields(batch)`` -> [B, F_cat, D] for the categorical fields;
     ``sequence(batch, name)`` -> [B, L, D] for a sequence feature (padding rows are zero);
     ``lookup(ids, vocab)`` -> [..., D] for ids of a named vocabulary.
+
+    Inside ``with emb.replaced(feature, vectors):`` the categorical ``feature`` is embedded by
+    the given per-row ``vectors`` [B, D] instead of its table rows (a cold-start generator feeds
+    its generated item embeddings to any model this way; gradients flow to ``vectors``).
     """
 
     def __init__(self, schema: Schema, dim: int, vocabs: list[str] | None = None) -> None:
@@ -43,13 +50,29 @@ class FeatureEmbedding(nn.Module):
         nn.init.normal_(self.table.weight, std=1e-2)
         field_offsets = [self.vocab_offset[f.vocab] for f in schema.categorical]
         self.register_buffer("field_offsets", torch.tensor(field_offsets, dtype=torch.long), persistent=False)
+        self._replacement: tuple[int, Tensor] | None = None
 
     @property
     def num_fields(self) -> int:
         return len(self.field_offsets)
 
     def fields(self, batch: Batch) -> Tensor:
-        return self.table(batch.categorical + self.field_offsets)  # [B, F, D]
+        e = self.table(batch.categorical + self.field_offsets)  # [B, F, D]
+        if self._replacement is None:
+            return e
+        column, vectors = self._replacement
+        return torch.cat([e[:, :column], vectors.unsqueeze(1), e[:, column + 1 :]], 1)  # [B, F, D]
+
+    @contextmanager
+    def replaced(self, feature: str, vectors: Tensor) -> Iterator[None]:
+        """Embed categorical ``feature`` by ``vectors`` [B, D] within the block."""
+        if vectors.shape[-1] != self.dim:
+            raise ValueError(f"replacement vectors for {feature!r} have width {vectors.shape[-1]}, the table {self.dim}")
+        previous, self._replacement = self._replacement, (self.schema.categorical_index(feature), vectors)
+        try:
+            yield
+        finally:
+            self._replacement = previous
 
     def lookup(self, ids: Tensor, vocab: str) -> Tensor:
         return self.table(ids + self.vocab_offset[vocab])  # [..., D]

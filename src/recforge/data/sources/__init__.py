@@ -44,6 +44,7 @@ _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "movielens-1m": ("movielens", {"variant": "1m"}),
     "movielens-100k": ("movielens", {"variant": "100k"}),
     "movielens-1m-two-domain": ("movielens_two_domain", {}),
+    "movielens-1m-coldstart": ("movielens_coldstart", {}),
     "amazon-beauty": ("amazon_sequential", {"name": "Beauty"}),
     "amazon-sports": ("amazon_sequential", {"name": "Sports_and_Outdoors"}),
     "amazon-toys": ("amazon_sequential", {"name": "Toys_and_Games"}),

@@ -1,0 +1,56 @@
+"""Wide & Deep Learning for Recommender Systems.
+Heng-Tze Cheng, Levent Koc, Jeremiah Harmsen, Tal Shaked, Tushar Chandra, et al. DLRS @ RecSys 2016,
+arXiv:1606.07792.
+
+    P(Y = 1 | x) = sigmoid(w_wide^T [x, phi(x)] + w_deep^T a^(lf) + b)                  (eq. 3)
+
+Follows the paper: a wide linear model and a deep MLP over the field embeddings, trained jointly
+and summed into one logit. [reconstructed] The wide part takes the raw sparse features only (a
+weight per id, a list feature the mean of its items' weights, a weight per numeric feature):
+the paper's hand-made cross-product transformations phi(x) are data-specific and left out.
+Chosen defaults: ``embedding_dim=16``, ``hidden=[256, 128]``, ReLU, ``dropout=0.1``; one
+optimiser for both parts (the paper used FTRL for the wide and AdaGrad for the deep part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from recforge.data.batch import Batch
+from recforge.data.schema import Schema
+from recforge.models.base import Model, ModelConfig, register
+from recforge.models.ranking.lr import FirstOrder
+from recforge.nn.embedding import FeatureEmbedding
+from recforge.nn.mlp import MLP
+
+
+@dataclass
+class WideDeepConfig(ModelConfig):
+    embedding_dim: int = 16
+    hidden: list[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.1
+    activation: str = "relu"
+    batch_norm: bool = False
+    label: str | None = None  # the label to predict; None = the schema's first label
+
+
+@register("wide_deep")
+class WideDeep(Model):
+    config_class = WideDeepConfig
+
+    def __init__(self, schema: Schema, config: WideDeepConfig) -> None:
+        super().__init__(schema, config)
+        self.label = self.label_to_predict(config.label)
+        d = config.embedding_dim
+        self.wide = FirstOrder(schema)
+        self.embedding = FeatureEmbedding(schema, d)
+        in_dim = (len(schema.categorical) + len(schema.sequences)) * d + len(schema.numeric)
+        self.deep = MLP(in_dim, config.hidden, config.dropout, config.activation, config.batch_norm, out_dim=1)
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        e = torch.cat([self.embedding.fields(batch), self.embedding.pooled_sequences(batch)], 1)  # [B, F + S, D]
+        a = torch.cat([e.flatten(1), batch.numeric], 1)  # [B, in_dim]
+        return {self.label: self.wide(batch) + self.deep(a).squeeze(-1)}  # eq. 3, as a logit
