@@ -92,17 +92,14 @@ def graph(store):
 def pretrained_dnn(store, steps: int = 150):
     torch.manual_seed(0)
     model = build_model("dnn", store.schema, {"embedding_dim": 8, "hidden": [16], "dropout": 0.0})
-    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "table" not in n], lr=1e-2)
-    sparse = torch.optim.SparseAdam([model.embedding.table.weight], lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)  # the tiny table takes dense gradients
     train = store.split("train")
     for step in range(steps):
         batch = train.take(np.sort(np.random.default_rng(step).choice(len(train), 128, replace=False)))
         loss, _ = model.loss(model(batch), batch)
         optimizer.zero_grad()
-        sparse.zero_grad()
         loss.backward()
         optimizer.step()
-        sparse.step()
     freeze(model)
     return model
 
