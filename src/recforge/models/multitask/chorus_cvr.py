@@ -47,14 +47,15 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import register
+from recforge.models.multitask.funnel import FunnelConfig, FunnelModel
 from recforge.nn.funnel import SharedBottomTowers, funnel_labels, inverse_propensity
 
 UNCVR = "uncvr"
 
 
 @dataclass
-class ChorusCVRConfig(ModelConfig):
+class ChorusCVRConfig(FunnelConfig):
     embedding_dim: int = 16
     shared: list[int] = field(default_factory=lambda: [256, 128])
     tower: list[int] = field(default_factory=lambda: [64, 32])
@@ -62,19 +63,14 @@ class ChorusCVRConfig(ModelConfig):
     align_weight: float = 1.0  # lambda_align of the SAM loss
     sam_weight: str = "ipw"  # "ipw" or "propensity"
     propensity_clip: float = 0.01
-    click_label: str = "click"
-    conversion_label: str = "conversion"
 
 
 @register("chorus_cvr")
-class ChorusCVR(Model):
+class ChorusCVR(FunnelModel):
     config_class = ChorusCVRConfig
 
     def __init__(self, schema: Schema, config: ChorusCVRConfig) -> None:
         super().__init__(schema, config)
-        for label in (config.click_label, config.conversion_label):
-            if label not in schema.labels:
-                raise ValueError(f"chorus_cvr: label {label!r} is not one of the schema's labels {schema.labels}")
         if config.sam_weight not in ("ipw", "propensity"):
             raise ValueError(f"chorus_cvr: sam_weight must be 'ipw' or 'propensity', got {config.sam_weight!r}")
         self.network = SharedBottomTowers(schema, 3, config.embedding_dim, config.shared, config.tower, config.dropout)
@@ -86,11 +82,6 @@ class ChorusCVR(Model):
             self.config.conversion_label: logits[:, 1],  # pCVR logit
             UNCVR: logits[:, 2],  # pUNCVR logit (NDM tower)
         }
-
-    def predict(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        p_ctr = torch.sigmoid(outputs[self.config.click_label])
-        p_cvr = torch.sigmoid(outputs[self.config.conversion_label])
-        return {self.config.click_label: p_ctr, self.config.conversion_label: p_cvr, "ctcvr": p_ctr * p_cvr}
 
     def sam_weights(self, click: Tensor, p_ctr: Tensor) -> Tensor:
         """The per-exposure weight of the alignment loss ``[B]`` (see the module docstring)."""

@@ -35,14 +35,15 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import register
+from recforge.models.multitask.funnel import FunnelConfig, FunnelModel
 from recforge.nn.funnel import SharedBottomTowers, funnel_labels, inverse_propensity
 
 COUNTERFACTUAL = "counterfactual"
 
 
 @dataclass
-class DCMTConfig(ModelConfig):
+class DCMTConfig(FunnelConfig):
     embedding_dim: int = 16
     shared: list[int] = field(default_factory=lambda: [256, 128])
     tower: list[int] = field(default_factory=lambda: [64, 32])
@@ -51,19 +52,14 @@ class DCMTConfig(ModelConfig):
     ctcvr_weight: float = 1.0  # w_ctcvr
     counterfactual_weight: float = 0.1  # lambda_cf of |1 - (r_hat + r_hat*)|
     propensity_clip: float = 0.05
-    click_label: str = "click"
-    conversion_label: str = "conversion"
 
 
 @register("dcmt")
-class DCMT(Model):
+class DCMT(FunnelModel):
     config_class = DCMTConfig
 
     def __init__(self, schema: Schema, config: DCMTConfig) -> None:
         super().__init__(schema, config)
-        for label in (config.click_label, config.conversion_label):
-            if label not in schema.labels:
-                raise ValueError(f"dcmt: label {label!r} is not one of the schema's labels {schema.labels}")
         self.network = SharedBottomTowers(schema, 3, config.embedding_dim, config.shared, config.tower, config.dropout)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
@@ -73,11 +69,6 @@ class DCMT(Model):
             self.config.conversion_label: logits[:, 1],  # factual r_hat logit
             COUNTERFACTUAL: logits[:, 2],  # counterfactual r_hat* logit
         }
-
-    def predict(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        p_ctr = torch.sigmoid(outputs[self.config.click_label])
-        p_cvr = torch.sigmoid(outputs[self.config.conversion_label])
-        return {self.config.click_label: p_ctr, self.config.conversion_label: p_cvr, "ctcvr": p_ctr * p_cvr}
 
     def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config

@@ -42,14 +42,15 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import register
+from recforge.models.multitask.funnel import FunnelConfig, FunnelModel
 from recforge.nn.funnel import SharedBottomTowers, funnel_labels, inverse_propensity
 
 IMPUTATION = "imputation"
 
 
 @dataclass
-class ESCM2Config(ModelConfig):
+class ESCM2Config(FunnelConfig):
     embedding_dim: int = 16
     shared: list[int] = field(default_factory=lambda: [256, 128])
     tower: list[int] = field(default_factory=lambda: [64, 32])
@@ -58,19 +59,14 @@ class ESCM2Config(ModelConfig):
     counterfactual_weight: float = 0.5  # lambda_c
     global_weight: float = 0.5  # lambda_g, of the CTCVR risk
     propensity_clip: float = 1.0 / 15.0  # IPW weights are at most 15
-    click_label: str = "click"
-    conversion_label: str = "conversion"
 
 
 @register("escm2")
-class ESCM2(Model):
+class ESCM2(FunnelModel):
     config_class = ESCM2Config
 
     def __init__(self, schema: Schema, config: ESCM2Config) -> None:
         super().__init__(schema, config)
-        for label in (config.click_label, config.conversion_label):
-            if label not in schema.labels:
-                raise ValueError(f"escm2: label {label!r} is not one of the schema's labels {schema.labels}")
         if config.counterfactual not in ("ips", "dr"):
             raise ValueError(f"escm2: counterfactual must be 'ips' or 'dr', got {config.counterfactual!r}")
         heads = 3 if config.counterfactual == "dr" else 2
@@ -84,11 +80,6 @@ class ESCM2(Model):
         if self.config.counterfactual == "dr":
             out[IMPUTATION] = logits[:, 2]  # logit of the pseudo conversion label r_tilde: [B]
         return out
-
-    def predict(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        p_ctr = torch.sigmoid(outputs[self.config.click_label])
-        p_cvr = torch.sigmoid(outputs[self.config.conversion_label])
-        return {self.config.click_label: p_ctr, self.config.conversion_label: p_cvr, "ctcvr": p_ctr * p_cvr}
 
     def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config

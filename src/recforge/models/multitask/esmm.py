@@ -26,30 +26,26 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import register
+from recforge.models.multitask.funnel import FunnelConfig, FunnelModel
 from recforge.nn.embedding import FeatureEmbedding
 from recforge.nn.mlp import MLP
 
 
 @dataclass
-class ESMMConfig(ModelConfig):
+class ESMMConfig(FunnelConfig):
     embedding_dim: int = 16
     hidden: list[int] = field(default_factory=lambda: [360, 200, 80])
     dropout: float = 0.0
     activation: str = "relu"
-    click_label: str = "click"
-    conversion_label: str = "conversion"
 
 
 @register("esmm")
-class ESMM(Model):
+class ESMM(FunnelModel):
     config_class = ESMMConfig
 
     def __init__(self, schema: Schema, config: ESMMConfig) -> None:
         super().__init__(schema, config)
-        for label in (config.click_label, config.conversion_label):
-            if label not in schema.labels:
-                raise ValueError(f"esmm: label {label!r} is not one of the schema's labels {schema.labels}")
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         in_dim = (len(schema.categorical) + len(schema.sequences)) * config.embedding_dim + len(schema.numeric)
         self.ctr = MLP(in_dim, config.hidden, config.dropout, config.activation, out_dim=1)
@@ -62,11 +58,6 @@ class ESMM(Model):
             self.config.click_label: self.ctr(x).squeeze(-1),  # logit of pCTR: [B]
             self.config.conversion_label: self.cvr(x).squeeze(-1),  # logit of pCVR: [B]
         }
-
-    def predict(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        p_ctr = torch.sigmoid(outputs[self.config.click_label])  # [B]
-        p_cvr = torch.sigmoid(outputs[self.config.conversion_label])  # [B]
-        return {self.config.click_label: p_ctr, self.config.conversion_label: p_cvr, "ctcvr": p_ctr * p_cvr}
 
     def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
         click = batch.labels[self.config.click_label]  # [B]
