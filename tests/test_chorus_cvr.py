@@ -26,12 +26,7 @@ from recforge.nn.funnel import funnel_labels, inverse_propensity
 from recforge.train.trainer import TrainConfig, Trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

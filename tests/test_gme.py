@@ -28,12 +28,7 @@ N_OLD, N_NEW, OLD_ROWS, NEW_ROWS = 12, 6, 90, 50
 ATTRIBUTES = ["year", "genres"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def cold_start_split() -> SplitConfig:

@@ -25,13 +25,7 @@ SINGLE_DOMAIN = sorted(name for name, cls in registered().items() if ".crossdoma
 RANKERS = [name for name in SINGLE_DOMAIN if registered()[name].task == "ranking"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tensors here are tiny: intra-op threads cost more than they give (and contend on CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
