@@ -38,6 +38,7 @@ from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset
 from recforge.data.sources._download import dataset_dir
 from recforge.data.sources.movielens import GENRES_MAX_LEN, ML_1M, SIDE, _read_1m
+from recforge.data.sources.synthetic import intercept_for_rate, sigmoid
 
 
 
@@ -77,12 +78,12 @@ def load(
     ei = exposed.reshape(-1)  # [N]
     s = np.clip(completed[eu, ei], 1.0, 5.0).astype(np.float64)  # completed ratings of the exposures
 
-    p_cvr = _sigmoid(cvr_slope * (s - cvr_midpoint))
+    p_cvr = sigmoid(cvr_slope * (s - cvr_midpoint))
     n_user = np.bincount(u, minlength=n_users)[eu]
     n_item = np.bincount(i, minlength=n_items)[ei]
     popularity = (_z(np.log(n_user)) + _z(np.log(n_item))) / np.sqrt(2.0)
     logit_click = selection_bias * _z(s) + popularity_bias * popularity
-    p_click = _sigmoid(logit_click + _intercept(logit_click, click_rate))
+    p_click = sigmoid(logit_click + intercept_for_rate(logit_click, click_rate))
     click = rng.random(len(s)) < p_click
     would_convert = rng.random(len(s)) < p_cvr
 
@@ -168,19 +169,3 @@ def _completion(path: str, rank: int, steps: int) -> np.ndarray:
 def _z(x: np.ndarray) -> np.ndarray:
     sd = float(x.std())
     return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
-def _intercept(logit: np.ndarray, rate: float) -> float:
-    """The shift b with mean sigmoid(logit + b) = rate (Newton's method)."""
-    b = float(np.log(rate / (1 - rate)) - logit.mean())
-    for _ in range(50):
-        p = _sigmoid(logit + b)
-        gap = p.mean() - rate
-        if abs(gap) < 1e-7:
-            break
-        b -= gap / max(float((p * (1 - p)).mean()), 1e-12)
-    return b

@@ -171,8 +171,8 @@ def generate(
     )  # fmt: skip
     if selection_bias is not None:  # clicks lean towards exposures that would convert
         logit_click = logit_click + selection_bias * _scaled(logit_cvr, 1.0)
-    p_click = _sigmoid(logit_click + _intercept(logit_click, click_rate))  # [N]
-    p_cvr = _sigmoid(logit_cvr + _intercept(logit_cvr, conversion_rate, weights=p_click))
+    p_click = sigmoid(logit_click + intercept_for_rate(logit_click, click_rate))  # [N]
+    p_cvr = sigmoid(logit_cvr + intercept_for_rate(logit_cvr, conversion_rate, weights=p_click))
 
     click = draw.random(n_rows) < p_click
     would_convert = draw.random(n_rows) < p_cvr
@@ -270,15 +270,15 @@ def _shrink(ids: np.ndarray) -> np.ndarray:
     return (1.0 + ids / _HEAD) ** -0.5
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def _intercept(logit: np.ndarray, rate: float, weights: np.ndarray | None = None) -> float:
+def intercept_for_rate(logit: np.ndarray, rate: float, weights: np.ndarray | None = None) -> float:
     """The shift b with (weighted) mean sigmoid(logit + b) = rate, by Newton's method."""
     b = float(np.log(rate / (1 - rate)) - np.average(logit, weights=weights))
     for _ in range(50):
-        p = _sigmoid(logit + b)
+        p = sigmoid(logit + b)
         gap = np.average(p, weights=weights) - rate
         if abs(gap) < 1e-6 * rate:
             break
