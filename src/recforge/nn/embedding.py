@@ -56,6 +56,17 @@ class FeatureEmbedding(nn.Module):
     def num_fields(self) -> int:
         return len(self.field_offsets)
 
+    @property
+    def flat_dim(self) -> int:
+        """Width of :meth:`flat`."""
+        return (self.num_fields + len(self.schema.sequences)) * self.dim + len(self.schema.numeric)
+
+    def flat(self, batch: Batch) -> Tensor:
+        """Every field's embedding, every mean-pooled sequence and the numeric features side by
+        side -> [B, flat_dim]: the input of an embedding-and-MLP model."""
+        e = torch.cat([self.fields(batch), self.pooled_sequences(batch)], 1)  # [B, F + S, D]
+        return torch.cat([e.flatten(1), batch.numeric], 1)
+
     def fields(self, batch: Batch) -> Tensor:
         e = self.table(batch.categorical + self.field_offsets)  # [B, F, D]
         if self._replacement is None:

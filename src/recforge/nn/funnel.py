@@ -38,13 +38,12 @@ class SharedBottomTowers(nn.Module):
     ) -> None:
         super().__init__()
         self.embedding = FeatureEmbedding(schema, embedding_dim)
-        in_dim = (len(schema.categorical) + len(schema.sequences)) * embedding_dim + len(schema.numeric)
+        in_dim = self.embedding.flat_dim
         self.shared = MLP(in_dim, shared, dropout)
         self.towers = nn.ModuleList(MLP(self.shared.out_dim, tower, out_dim=1) for _ in range(num_heads))
 
     def forward(self, batch: Batch) -> Tensor:
-        e = torch.cat([self.embedding.fields(batch), self.embedding.pooled_sequences(batch)], 1)  # [B, F + S, D]
-        h = self.shared(torch.cat([e.flatten(1), batch.numeric], 1))  # [B, H]
+        h = self.shared(self.embedding.flat(batch))  # [B, H]
         return torch.cat([tower(h) for tower in self.towers], 1)  # [B, num_heads]
 
 

@@ -53,7 +53,7 @@ class SharedBottom(Model):
         self.weights = dict(zip(self.domain_ids, weights))
         d = config.embedding_dim
         self.embedding = FeatureEmbedding(schema, d)
-        in_dim = (len(schema.categorical) + len(schema.sequences)) * d + len(schema.numeric)
+        in_dim = self.embedding.flat_dim
         self.bottom = MLP(in_dim, config.bottom_hidden, config.dropout, config.activation)
         self.towers = nn.ModuleList(
             MLP(self.bottom.out_dim, config.tower_hidden, config.dropout, config.activation, out_dim=1)
@@ -68,8 +68,7 @@ class SharedBottom(Model):
         return lookup
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        e = torch.cat([self.embedding.fields(batch), self.embedding.pooled_sequences(batch)], 1)  # [B, F + S, D]
-        h = self.bottom(torch.cat([e.flatten(1), batch.numeric], 1))  # shared bottom: [B, H]
+        h = self.bottom(self.embedding.flat(batch))  # shared bottom: [B, H]
         logits = torch.cat([tower(h) for tower in self.towers], 1)  # every tower: [B, T]
         own = self.tower_of_domain[batch.domain]  # [B]
         return {self.label: logits.gather(1, own.unsqueeze(1)).squeeze(1)}  # the row's own tower: [B]

@@ -47,13 +47,12 @@ class ESMM(FunnelModel):
     def __init__(self, schema: Schema, config: ESMMConfig) -> None:
         super().__init__(schema, config)
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
-        in_dim = (len(schema.categorical) + len(schema.sequences)) * config.embedding_dim + len(schema.numeric)
+        in_dim = self.embedding.flat_dim
         self.ctr = MLP(in_dim, config.hidden, config.dropout, config.activation, out_dim=1)
         self.cvr = MLP(in_dim, config.hidden, config.dropout, config.activation, out_dim=1)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        e = torch.cat([self.embedding.fields(batch), self.embedding.pooled_sequences(batch)], 1)  # [B, F + S, D]
-        x = torch.cat([e.flatten(1), batch.numeric], 1)  # [B, in_dim]
+        x = self.embedding.flat(batch)  # [B, in_dim]
         return {
             self.config.click_label: self.ctr(x).squeeze(-1),  # logit of pCTR: [B]
             self.config.conversion_label: self.cvr(x).squeeze(-1),  # logit of pCVR: [B]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from recforge.data.batch import Batch
@@ -56,7 +55,7 @@ class MMoE(Model):
         if unknown:
             raise ValueError(f"mmoe: labels {unknown} are not among the schema's labels {schema.labels}")
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
-        in_dim = (len(schema.categorical) + len(schema.sequences)) * config.embedding_dim + len(schema.numeric)
+        in_dim = self.embedding.flat_dim
         self.moe = MixtureOfExperts(
             in_dim, config.num_experts, len(self.labels), config.expert_hidden, config.dropout, config.activation
         )
@@ -66,8 +65,7 @@ class MMoE(Model):
         )
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        e = torch.cat([self.embedding.fields(batch), self.embedding.pooled_sequences(batch)], 1)  # [B, F + S, D]
-        x = torch.cat([e.flatten(1), batch.numeric], 1)  # [B, in_dim]
+        x = self.embedding.flat(batch)  # [B, in_dim]
         mixed = self.moe(x)  # per task f^k(x): [B, H]
         return {label: tower(h).squeeze(-1) for label, tower, h in zip(self.labels, self.towers, mixed)}  # y_k: [B]
 

@@ -49,15 +49,14 @@ class DCNV2(Model):
             raise ValueError(f"dcnv2: structure must be 'stacked' or 'parallel', not {config.structure!r}")
         self.label = self.label_to_predict(config.label)
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
-        d0 = (len(schema.categorical) + len(schema.sequences)) * config.embedding_dim + len(schema.numeric)
+        d0 = self.embedding.flat_dim
         self.cross = CrossNetV2(d0, config.cross_layers, config.cross_rank)
         self.deep = MLP(d0, config.hidden, config.dropout, config.activation, config.batch_norm)
         head_in = self.deep.out_dim if config.structure == "stacked" else d0 + self.deep.out_dim
         self.head = nn.Linear(head_in, 1)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        e = torch.cat([self.embedding.fields(batch), self.embedding.pooled_sequences(batch)], 1)  # [B, F + S, D]
-        x0 = torch.cat([e.flatten(1), batch.numeric], 1)  # [B, d0]
+        x0 = self.embedding.flat(batch)  # [B, d0]
         if self.config.structure == "stacked":
             h = self.deep(self.cross(x0))  # [B, H]
         else:

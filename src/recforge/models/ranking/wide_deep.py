@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from recforge.data.batch import Batch
@@ -47,10 +46,9 @@ class WideDeep(Model):
         d = config.embedding_dim
         self.wide = FirstOrder(schema)
         self.embedding = FeatureEmbedding(schema, d)
-        in_dim = (len(schema.categorical) + len(schema.sequences)) * d + len(schema.numeric)
+        in_dim = self.embedding.flat_dim
         self.deep = MLP(in_dim, config.hidden, config.dropout, config.activation, config.batch_norm, out_dim=1)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        e = torch.cat([self.embedding.fields(batch), self.embedding.pooled_sequences(batch)], 1)  # [B, F + S, D]
-        a = torch.cat([e.flatten(1), batch.numeric], 1)  # [B, in_dim]
+        a = self.embedding.flat(batch)  # [B, in_dim]
         return {self.label: self.wide(batch) + self.deep(a).squeeze(-1)}  # eq. 3, as a logit
