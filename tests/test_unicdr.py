@@ -18,7 +18,8 @@ from recforge.data.sources import amazon_crossdomain
 from recforge.data.splits import SplitConfig, assign_splits
 from recforge.models import build_model
 from recforge.models.crossdomain.unicdr import BehaviourAggregator, segment_sample
-from recforge.recipes.cross_domain import CrossDomainTrainer, SingleDomain, run_table
+from recforge.recipes import cross_domain
+from recforge.recipes.cross_domain import CrossDomainTrainer, SingleDomain, TableConfig, VariantSpec, run_table
 from recforge.train.optim import Optimizers
 from recforge.train.trainer import TrainConfig
 
@@ -456,6 +457,27 @@ def test_unicdr_beats_popularity_and_single_domain_two_tower_trains(store, data,
     tower = SingleDomain(build_model("two_tower", store.schema, {"history": "hist_item_id"}), data, 0)
     result = CrossDomainTrainer(tower, store, config, tmp_path / "t", data, eval_negatives=15).fit()
     assert np.isfinite(result["test_a_ndcg@10"])
+
+
+def test_single_domain_variant_takes_its_domain_params(store, data, tmp_path, monkeypatch):
+    built = []
+
+    def recording_build(name, schema, params):
+        built.append(dict(params))
+        return build_model(name, schema, params)
+
+    monkeypatch.setattr(cross_domain, "build_model", recording_build)
+    table = TableConfig(name="t", title="t", report=str(tmp_path / "r.md"), datasets=[], variants=[], eval_negatives=10,
+                        train={"epochs": 1, "batch_size": 64, "monitor": "valid_ndcg@10", "quiet": True})  # fmt: skip
+    variant = VariantSpec(label="tower", model="two_tower", single_domain=True, params={"history": "hist_item_id", "embedding_dim": 8},
+                          domain_params={"b": {"embedding_dim": 4}})  # fmt: skip
+    metrics = cross_domain.run_variant(store, data, variant, table, 0, tmp_path / "run", {})
+    assert [p["embedding_dim"] for p in built] == [8, 4] and all(p["history"] == "hist_item_id" for p in built)
+    assert np.isfinite(metrics["test_a_ndcg@10"]) and np.isfinite(metrics["test_b_ndcg@10"])
+    with pytest.raises(ValueError, match="unknown domains"):
+        cross_domain.run_variant(store, data, variant.model_copy(update={"domain_params": {"c": {}}}), table, 0, tmp_path / "x", {})
+    with pytest.raises(ValueError, match="single_domain"):
+        VariantSpec(label="u", model="unicdr", domain_params={"a": {}})
 
 
 def test_run_table_writes_report_and_reuses_runs(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from recforge.config import DataConfig
@@ -288,7 +288,14 @@ class VariantSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)  # overrides of the table's train section
     single_domain: bool = False  # one model per domain, trained on that domain only
+    domain_params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # single-domain: per-domain overrides of params
     datasets: list[str] | None = None  # labels of the data sets it runs on (None: all)
+
+    @model_validator(mode="after")
+    def _domain_params_need_single_domain(self) -> "VariantSpec":
+        if self.domain_params and not self.single_domain:
+            raise ValueError(f"{self.label}: domain_params applies to single_domain variants only")
+        return self
 
 
 class TableConfig(BaseModel):
@@ -332,10 +339,14 @@ def run_variant(
         if hasattr(model, "bind"):
             model.bind(data)
         return _fit(model, store, train, out, data, table, candidates)
+    unknown = sorted(set(variant.domain_params) - set(data.domain_names))
+    if unknown:
+        raise ValueError(f"{variant.label}: domain_params names unknown domains {unknown}; known: {data.domain_names}")
     metrics: dict[str, float] = {}
     for d, name in enumerate(data.domain_names):
         seed_everything(seed)
-        model = SingleDomain(build_model(variant.model, store.schema, variant.params), data, d)
+        params = variant.params | variant.domain_params.get(name, {})
+        model = SingleDomain(build_model(variant.model, store.schema, params), data, d)
         valid = CrossDomainTrainer(model, store, train, out / name, data, table.item, table.eval_negatives,
                                    table.eval_seed, candidates=candidates, valid_rows=table.valid_rows).candidates_of("valid")  # fmt: skip
         cold = "cold_" if train.monitor and "cold" in train.monitor and (valid.cold & (valid.domain == d)).any() else ""
@@ -362,10 +373,11 @@ def _fit(
 
 def run_folder(out_root: Path, table: TableConfig, dataset: DatasetSpec, variant: VariantSpec, seed: int) -> Path:
     """``<root>/<data set>/<variant>-<hash>/seed<k>``: the hash covers everything that shapes the
-    run, so that tables sharing a run (same data, model, training and protocol) share its folder."""
+    run, so that tables sharing a run (same data, model, training and protocol) share its folder
+    (empty ``domain_params`` are left out of it: a variant without them keeps its folder)."""
     shape = {
         "data": [dataset.source, dataset.options, {**table.split, **dataset.split}],
-        "variant": variant.model_dump(exclude={"label", "datasets"}),
+        "variant": variant.model_dump(exclude={"label", "datasets"} | ({"domain_params"} if not variant.domain_params else set())),
         "train": table.train,
         "protocol": [table.item, table.eval_negatives, table.eval_seed, table.valid_rows],
     }
