@@ -66,6 +66,7 @@ evaluation.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -436,11 +437,13 @@ class UniCDR(Model):
         entries = torch.repeat_interleave(first - torch.cumsum(length, 0) + length, length) + torch.arange(
             int(length.sum()), device=users.device
         )
-        history = torch.sparse_coo_tensor(
-            torch.stack([rows, self.context_items[entries]]), torch.ones(len(rows), device=users.device),
-            (len(users), self.num_items),
-        ).coalesce()  # fmt: skip
-        overlap = torch.sparse.mm(history, history.t()).to_dense()  # |H_i & H_j|: [B, B]
+        with warnings.catch_warnings():  # torch flags its sparse kernels as beta on every call
+            warnings.filterwarnings("ignore", message="Sparse (invariant checks|CSR tensor support)")
+            history = torch.sparse_coo_tensor(
+                torch.stack([rows, self.context_items[entries]]), torch.ones(len(rows), device=users.device),
+                (len(users), self.num_items),
+            ).coalesce()  # fmt: skip
+            overlap = torch.sparse.mm(history, history.t()).to_dense()  # |H_i & H_j|: [B, B]
         norm = length.float().clamp(min=1).sqrt()
         cosine = overlap / (norm[:, None] * norm[None, :])
         eps = self.config.soft_eps
