@@ -539,9 +539,10 @@ def plot_table(table: TableConfig, means: dict, path: Path) -> None:
     ax.set_xticklabels([f"{a}\n{b.replace('_cold', ' (cold)')}" for a, b in columns], fontsize=8)
     ax.set_ylabel("test NDCG@10 (1 + 999 sampled)")
     ax.set_title(table.title, fontsize=10)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    ncol = min(3, max(1, len(columns) - 1))  # a narrow plot stacks its legend
+    ax.legend(fontsize=7, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the axes included
     plt.close(fig)
 
 
