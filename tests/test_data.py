@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import polars as pl
 import pytest
@@ -10,7 +12,7 @@ from recforge.data.prepare import DataError, prepare
 from recforge.data.schema import OOV, Feature, Schema
 from recforge.data.sources import RawDataset
 from recforge.data.splits import SplitConfig, assign_splits
-from recforge.data.store import last_window
+from recforge.data.store import Store, last_window
 
 
 def make_schema(history: int = 3) -> Schema:
@@ -71,6 +73,21 @@ def test_min_count_maps_rare_values_to_oov(tmp_path):
     vocab = store.vocabulary("item_id")
     assert vocab["count"].min() >= 12
     assert (store.split("train").column("item_id") == OOV).any()
+
+
+def test_integer_domains_survive_the_store_round_trip(tmp_path):
+    frame = make_frame().with_columns((pl.col("user_id") % 3).alias("domain"))
+    schema = make_schema()
+    schema = Schema(features=[*schema.features, Feature(name="domain", kind="categorical")], labels=["click"], user="user_id", time="t", domain="domain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no serializer warning for integer keys
+        prepare(RawDataset(frame, schema, "memory"), tmp_path / "s")
+    reopened = Store.open(tmp_path / "s").schema
+    vocab = Store.open(tmp_path / "s").vocabulary("domain")
+    for value, index in zip(vocab["value"], vocab["index"]):
+        assert reopened.domain_id(int(value)) == reopened.domain_id(value) == index
+    with pytest.raises(KeyError, match="has no id"):
+        reopened.domain_id(7)
 
 
 def test_numeric_normalised_with_train_statistics(store):

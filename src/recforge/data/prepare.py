@@ -151,7 +151,7 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
         table.select(pl.col("text").alias("value"), "count", "index").write_parquet(tmp / "vocab" / f"{vocab}.parquet")
         schema.vocab_sizes[vocab] = table.height + N_RESERVED
         if schema.domain is not None and vocab == schema.feature(schema.domain).vocab:
-            schema.domain_index = dict(zip(table["value"].to_list(), table["index"].to_list()))
+            schema.domain_index = dict(zip(table["text"].to_list(), table["index"].to_list()))  # keys as the vocabulary file writes them
         for f in users:
             col = pl.col(f.name)
             if f.kind is Kind.SEQUENCE:

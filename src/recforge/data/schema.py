@@ -165,11 +165,11 @@ class Schema(BaseModel):
             seen.setdefault(f.vocab or f.name, None)
         return list(seen)
 
-    def domain_id(self, value: str) -> int:
-        """Encoded id of a value of the domain column (seen in the train split)."""
-        if value not in self.domain_index:
+    def domain_id(self, value: str | int) -> int:
+        """Encoded id of a value of the domain column (seen in the train split); integer domains by value or text."""
+        if str(value) not in self.domain_index:
             raise KeyError(f"domain {value!r} has no id; the train split's domains are {sorted(self.domain_index)}")
-        return self.domain_index[value]
+        return self.domain_index[str(value)]
 
     def vocab_size(self, vocab: str) -> int:
         if vocab not in self.vocab_sizes:
