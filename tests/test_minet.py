@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import polars as pl
@@ -288,8 +289,19 @@ def test_study_trains_each_variant_and_seed_once_and_writes_pages(tmp_path, monk
         "pages": [{"path": "docs/results/tiny.md", "template": "page.md"}],
     }
     (tmp_path / "configs" / "study.yaml").write_text(json.dumps(study))
+    held = tmp_path / "runs" / "tiny" / "dnn" / "seed0"
+    held.mkdir(parents=True)
+    (held / "running.pid").write_text(str(os.getppid()))  # a live process runs it
+
+    def finished() -> list[str]:
+        return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in (tmp_path / "runs" / "tiny").glob("*/seed*/metrics.json"))
+
     run_study("configs/study.yaml", tmp_path / "runs", tmp_path / "stores", seeds=[1], groups=["ablations"])
-    assert [p.name for p in (tmp_path / "runs" / "tiny").glob("*/seed*")] == ["seed1"]  # that part only
+    assert finished() == ["minet_w_o_source/seed1"]  # that part only
+    run_study("configs/study.yaml", tmp_path / "runs", tmp_path / "stores", seeds=[0], groups=["main"])
+    assert finished() == ["minet/seed0", "minet_w_o_source/seed1"]  # DNN seed 0 skipped while its process lives
+    assert not (tmp_path / "runs" / "tiny" / "minet" / "seed0" / "running.pid").exists()
+    (held / "running.pid").write_text("999999999")  # that process died: the next call takes the run over
     with pytest.raises(ValueError, match="seed 7 is not one of the study's seeds"):
         run_study("configs/study.yaml", tmp_path / "runs", tmp_path / "stores", seeds=[7])
     summary = run_study("configs/study.yaml", tmp_path / "runs", tmp_path / "stores")

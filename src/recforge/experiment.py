@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,23 @@ def prepare_store(data: DataConfig, root: Path = Path("runs/stores")) -> Store:
     store = prepare(raw, path, data.split)
     stamp.write_text(json.dumps(data.model_dump(mode="json", exclude={"store"}), indent=2))
     return store
+
+
+def claim_run(out: Path) -> bool:
+    """Mark the run folder ``out`` as taken by this process; False when a live process holds it.
+
+    Lets several processes work through one study or table: each skips the runs another holds.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "running.pid"
+    if lock.exists():
+        try:
+            os.kill(int(lock.read_text()), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            pass  # left by a process that died
+    lock.write_text(str(os.getpid()))
+    return True
 
 
 def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: Path = Path("runs/stores")) -> dict:

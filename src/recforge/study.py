@@ -87,7 +87,7 @@ def run_study(
     ``seeds`` and ``groups`` restrict the runs trained (not the pages) to some seeds and variant
     groups, e.g. to share a study among processes or machines that write into one ``runs`` folder.
     """
-    from recforge.experiment import run
+    from recforge.experiment import claim_run, run
 
     path = Path(path)
     study = load_study(path)
@@ -111,12 +111,13 @@ def run_study(
     ]
     for variant, seed in order:
         out = root / slug(variant.name) / f"seed{seed}"
-        if report_only or (out / "metrics.json").exists():
+        if report_only or (out / "metrics.json").exists() or not claim_run(out):  # done, or another process runs it
             continue
         config = load_config(path.parent / variant.config, [*variant.set, *(f"{k}={seed}" for k in study.seed_keys)])
         started = time.perf_counter()
         run(config, out, store_root=store_root)
         (out / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+        (out / "running.pid").unlink(missing_ok=True)
         write_pages(study, path, root)
     return write_pages(study, path, root)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -45,7 +44,7 @@ from recforge.data.batch import Batch
 from recforge.data.cross_domain import DomainInteractions
 from recforge.data.store import SplitView, Store
 from recforge.evaluate.metrics import sampled_ranking_metrics
-from recforge.experiment import prepare_store
+from recforge.experiment import claim_run, prepare_store
 from recforge.models import Model, build_model
 from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
@@ -412,7 +411,7 @@ def run_table(
                 out = run_folder(out_root, table, dataset, variant, seed)
                 if (variant.datasets is not None and dataset.label not in variant.datasets) or (out / "metrics.json").exists():
                     continue
-                if not _claim(out):  # another process is running it
+                if not claim_run(out):  # another process is running it
                     continue
                 if dataset.label not in prepared:
                     split = {**table.split, **dataset.split}
@@ -430,20 +429,6 @@ def run_table(
     (out_root / "tables" / f"{table.name}.json").write_text(json.dumps(results, indent=2))
     write_report(table, results, Path(config_path))
     return results
-
-
-def _claim(out: Path) -> bool:
-    """Mark ``out`` as run by this process; False when a live process already holds it."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / "running.pid"
-    if lock.exists():
-        try:
-            os.kill(int(lock.read_text()), 0)
-            return False
-        except (ProcessLookupError, ValueError):
-            pass  # left by a process that died
-    lock.write_text(str(os.getpid()))
-    return True
 
 
 def collect(table: TableConfig, out_root: Path) -> dict[str, dict[str, list[dict[str, float]]]]:
