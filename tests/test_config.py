@@ -65,8 +65,8 @@ def _load_shipped(path: Path) -> list[str]:
         return [m.name for m in cvr_study.load_study(path).models]
     if relative == "gme/movielens1m.yaml":
         return list(cold_start.load_cold_start_config(path).backbones)
-    if relative == "minet/study_movielens1m.yaml":
-        return [load_config(CONFIGS / "minet" / v.config).model.name for v in study.load_study(path).variants]
+    if relative.startswith("minet/study_"):  # each variant's config with its overrides
+        return [load_config(CONFIGS / "minet" / v.config, v.set).model.name for v in study.load_study(path).variants]
     if relative.startswith("unicdr/"):
         return [v.model for v in cross_domain.TableConfig.load(path).variants]
     return [load_config(path).model.name]
