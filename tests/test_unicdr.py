@@ -496,6 +496,9 @@ def test_run_table_writes_report_and_reuses_runs(tmp_path, monkeypatch):
     path.write_text(json.dumps(config))
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "r.md").write_text("# Report\n\nprose kept\n")
+    with pytest.raises(ValueError, match="no finished run of table 'tiny'"):
+        run_table(path, tmp_path / "runs", tmp_path / "stores", train=False)
+    assert (tmp_path / "docs" / "r.md").read_text() == "# Report\n\nprose kept\n"  # untouched
     results = run_table(path, tmp_path / "runs", tmp_path / "stores")
     assert len(results["Tiny"]["UniCDR"]) == 2
     text = (tmp_path / "docs" / "r.md").read_text()

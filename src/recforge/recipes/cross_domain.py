@@ -425,6 +425,10 @@ def run_table(
                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_") and k.endswith("ndcg@10")),
                       flush=True)  # fmt: skip
     results = collect(table, out_root)
+    if not results:  # nothing finished yet (or every run held by other processes): leave the report as it is
+        if not train:
+            raise ValueError(f"{config_path}: no finished run of table {table.name!r} under {out_root}; nothing to report")
+        return results
     (out_root / "tables").mkdir(parents=True, exist_ok=True)
     (out_root / "tables" / f"{table.name}.json").write_text(json.dumps(results, indent=2))
     write_report(table, results, Path(config_path))
