@@ -252,11 +252,11 @@ def test_two_processes_with_torchrun(store, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     final = [r for r in read_log(tmp_path) if r["event"] == "final"]
-    assert len(final) == 1 and 0.6 < final[0]["valid_click_auc"] <= 1.0
+    assert len(final) == 1 and 0.6 < final[0]["valid_click_auc"] <= 1.0, final
     ranks = [load_file(tmp_path / f"trained-rank{r}.safetensors") for r in (0, 1)]
     last = load_file(tmp_path / "last" / MODEL_FILE)
     for name, value in last.items():
-        assert torch.equal(ranks[0][name], value) and torch.equal(ranks[1][name], value)
+        assert torch.equal(ranks[0][name], value) and torch.equal(ranks[1][name], value), name
 
 
 def _distributed_run(store_path: str, out_dir: str) -> None:
