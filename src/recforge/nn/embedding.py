@@ -67,6 +67,18 @@ class FeatureEmbedding(nn.Module):
         e = torch.cat([self.fields(batch), self.pooled_sequences(batch)], 1)  # [B, F + S, D]
         return torch.cat([e.flatten(1), batch.numeric], 1)
 
+    @property
+    def num_field_vectors(self) -> int:
+        """Rows of :meth:`field_vectors`."""
+        return self.num_fields + len(self.schema.sequences) + len(self.schema.numeric)
+
+    def field_vectors(self, batch: Batch, numeric_vectors: Tensor) -> Tensor:
+        """One D-vector per input: every field's embedding, every mean-pooled sequence and each
+        numeric value times its own vector (``numeric_vectors`` [Fn, D], the model's parameter)
+        -> [B, F + S + Fn, D]: the input of a field-interaction model."""
+        numeric = batch.numeric.unsqueeze(-1) * numeric_vectors  # [B, Fn, D]
+        return torch.cat([self.fields(batch), self.pooled_sequences(batch), numeric], 1)
+
     def fields(self, batch: Batch) -> Tensor:
         e = self.table(batch.categorical + self.field_offsets)  # [B, F, D]
         if self._replacement is None:

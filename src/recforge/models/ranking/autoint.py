@@ -75,16 +75,9 @@ class AutoInt(Model):
         self.layers = nn.Sequential(
             *(InteractingLayer(d if i == 0 else width, config.heads, config.head_dim) for i in range(config.num_layers))
         )
-        num_fields = len(schema.categorical) + len(schema.sequences) + len(schema.numeric)
+        num_fields = self.embedding.num_field_vectors
         self.output = nn.Linear(num_fields * (width if config.num_layers else d), 1)  # w, b of eq. 10
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        e = torch.cat(
-            [
-                self.embedding.fields(batch),  # [B, F, D]
-                self.embedding.pooled_sequences(batch),  # [B, S, D]
-                batch.numeric.unsqueeze(-1) * self.numeric_vectors,  # [B, Fn, D]
-            ],
-            1,
-        )  # [B, M, D]
+        e = self.embedding.field_vectors(batch, self.numeric_vectors)  # [B, M, D]
         return {self.label: self.output(self.layers(e).flatten(1)).squeeze(-1)}  # eq. 10, as a logit

@@ -49,18 +49,11 @@ class DeepFM(Model):
         self.embedding = FeatureEmbedding(schema, d)
         self.numeric_vectors = nn.Parameter(torch.randn(len(schema.numeric), d) * 1e-2)
         self.interaction = FMInteraction()
-        num_fields = len(schema.categorical) + len(schema.sequences) + len(schema.numeric)
+        num_fields = self.embedding.num_field_vectors
         self.deep = MLP(num_fields * d, config.hidden, config.dropout, config.activation, config.batch_norm, out_dim=1)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        e = torch.cat(
-            [
-                self.embedding.fields(batch),  # [B, F, D]
-                self.embedding.pooled_sequences(batch),  # [B, S, D]
-                batch.numeric.unsqueeze(-1) * self.numeric_vectors,  # [B, Fn, D]
-            ],
-            1,
-        )  # [B, F + S + Fn, D]
+        e = self.embedding.field_vectors(batch, self.numeric_vectors)  # [B, F + S + Fn, D]
         y_fm = self.linear(batch) + self.interaction(e)  # [B]
         y_dnn = self.deep(e.flatten(1)).squeeze(-1)  # [B]
         return {self.label: y_fm + y_dnn}  # y = sigmoid(y_FM + y_DNN), as a logit

@@ -45,12 +45,5 @@ class FM(Model):
         self.interaction = FMInteraction()
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        v = torch.cat(
-            [
-                self.embedding.fields(batch),  # [B, F, D]
-                self.embedding.pooled_sequences(batch),  # [B, S, D]
-                batch.numeric.unsqueeze(-1) * self.numeric_factors,  # x_i v_i: [B, Fn, D]
-            ],
-            1,
-        )  # [B, F + S + Fn, D]
+        v = self.embedding.field_vectors(batch, self.numeric_factors)  # numeric rows x_i v_i: [B, F + S + Fn, D]
         return {self.label: self.linear(batch) + self.interaction(v)}  # [B]

@@ -60,19 +60,12 @@ class PNN(Model):
         d = config.embedding_dim
         self.embedding = FeatureEmbedding(schema, d)
         self.numeric_vectors = nn.Parameter(torch.randn(len(schema.numeric), d) * 1e-2)
-        num_fields = len(schema.categorical) + len(schema.sequences) + len(schema.numeric)
+        num_fields = self.embedding.num_field_vectors
         self.products = InnerProducts(num_fields)
         in_dim = num_fields * d + num_fields * (num_fields - 1) // 2
         self.deep = MLP(in_dim, config.hidden, config.dropout, config.activation, config.batch_norm, out_dim=1)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        f = torch.cat(
-            [
-                self.embedding.fields(batch),  # [B, F, D]
-                self.embedding.pooled_sequences(batch),  # [B, S, D]
-                batch.numeric.unsqueeze(-1) * self.numeric_vectors,  # [B, Fn, D]
-            ],
-            1,
-        )  # [B, N, D]
+        f = self.embedding.field_vectors(batch, self.numeric_vectors)  # [B, N, D]
         product_layer = torch.cat([f.flatten(1), self.products(f)], 1)  # [z, p], [B, N D + P]
         return {self.label: self.deep(product_layer).squeeze(-1)}  # l_1 = relu(W [z, p] + b_1), ...
