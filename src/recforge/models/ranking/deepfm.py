@@ -13,14 +13,15 @@ feature (genres, a history) is one field, the mean of its items' embeddings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import Model, register
+from recforge.models.ranking.dnn import DNNConfig
 from recforge.models.ranking.lr import FirstOrder
 from recforge.nn.embedding import FeatureEmbedding
 from recforge.nn.interaction import FMInteraction
@@ -28,13 +29,8 @@ from recforge.nn.mlp import MLP
 
 
 @dataclass
-class DeepFMConfig(ModelConfig):
-    embedding_dim: int = 16
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.1
-    activation: str = "relu"
-    batch_norm: bool = False
-    label: str | None = None  # the label to predict; None = the schema's first label
+class DeepFMConfig(DNNConfig):
+    """DeepFM has the DNN's settings (embedding size, MLP, label)."""
 
 
 @register("deepfm")

@@ -15,14 +15,15 @@ numeric field's embedding is its value times a learned vector. Chosen defaults:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import Model, register
+from recforge.models.ranking.dnn import DNNConfig
 from recforge.nn.embedding import FeatureEmbedding
 from recforge.nn.mlp import MLP
 
@@ -41,13 +42,8 @@ class InnerProducts(nn.Module):
 
 
 @dataclass
-class PNNConfig(ModelConfig):
-    embedding_dim: int = 16
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.1
-    activation: str = "relu"
-    batch_norm: bool = False
-    label: str | None = None  # the label to predict; None = the schema's first label
+class PNNConfig(DNNConfig):
+    """PNN has the DNN's settings (embedding size, MLP, label)."""
 
 
 @register("pnn")

@@ -14,26 +14,22 @@ optimiser for both parts (the paper used FTRL for the wide and AdaGrad for the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import Model, register
+from recforge.models.ranking.dnn import DNNConfig
 from recforge.models.ranking.lr import FirstOrder
 from recforge.nn.embedding import FeatureEmbedding
 from recforge.nn.mlp import MLP
 
 
 @dataclass
-class WideDeepConfig(ModelConfig):
-    embedding_dim: int = 16
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.1
-    activation: str = "relu"
-    batch_norm: bool = False
-    label: str | None = None  # the label to predict; None = the schema's first label
+class WideDeepConfig(DNNConfig):
+    """Wide & Deep has the DNN's settings (embedding size, MLP, label)."""
 
 
 @register("wide_deep")
