@@ -137,15 +137,17 @@ def collect(study: StudyConfig, root: Path) -> dict[str, list[dict]]:
     return found
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std, NaNs skipped; std is NaN for fewer than two values."""
     array = np.asarray(values, dtype=float)
     if len(array) == 0 or np.isnan(array).all():
         return math.nan, math.nan
     return float(np.nanmean(array)), float(np.nanstd(array, ddof=1)) if len(array) > 1 else math.nan
 
 
-def _cell(values: list[float], digits: int = 4) -> str:
-    mean, std = _mean_std(values)
+def mean_std_cell(values: list[float], digits: int = 4) -> str:
+    """A table cell: ``mean ± std``, the mean alone for one value, ``n/a`` for none."""
+    mean, std = mean_std(values)
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -161,10 +163,10 @@ def summarise(study: StudyConfig, found: dict[str, list[dict]]) -> dict[str, dic
             continue
         entry = {}
         for key in (f"valid_{label}_auc", f"test_{label}_auc", f"test_{label}_logloss", f"test_{label}_gauc"):
-            entry[key], entry[f"{key}_std"] = _mean_std([r.get(key, math.nan) for r in rows])
+            entry[key], entry[f"{key}_std"] = mean_std([r.get(key, math.nan) for r in rows])
         paired = [r[f"test_{label}_auc"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
-        entry["delta_auc"], entry["delta_auc_std"] = _mean_std(paired)
-        ref_auc = _mean_std(list(ref.values()))[0]
+        entry["delta_auc"], entry["delta_auc_std"] = mean_std(paired)
+        ref_auc = mean_std(list(ref.values()))[0]
         entry["rela_impr"] = (entry[f"test_{label}_auc"] - 0.5) / (ref_auc - 0.5) - 1.0 if ref else math.nan
         entry["runs"] = len(rows)
         summary[name] = entry
@@ -182,7 +184,7 @@ def tables(study: StudyConfig, found: dict[str, list[dict]]) -> str:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         ref = {r["seed"]: r[f"test_{label}_auc"] for r in found[study.reference]}
-        ref_auc = _mean_std(list(ref.values()))[0]
+        ref_auc = mean_std(list(ref.values()))[0]
         for variant in (v for v in study.variants if v.group == group):
             rows = found[variant.name]
             if not rows:
@@ -190,21 +192,21 @@ def tables(study: StudyConfig, found: dict[str, list[dict]]) -> str:
                 continue
             test_auc = [r[f"test_{label}_auc"] for r in rows]
             paired = [r[f"test_{label}_auc"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
-            mean_auc = _mean_std(test_auc)[0]
+            mean_auc = mean_std(test_auc)[0]
             rela = f"{100 * ((mean_auc - 0.5) / (ref_auc - 0.5) - 1):+.2f}%" if ref else "n/a"
             lines.append(
-                f"| {variant.name} | {len(rows)} | {_cell([r.get('best_epoch', math.nan) for r in rows], 1)} "
-                f"| {_cell([r[f'valid_{label}_auc'] for r in rows])} | {_cell(test_auc)} "
-                f"| {_cell([r[f'test_{label}_logloss'] for r in rows])} "
-                f"| {_cell([r.get(f'test_{label}_gauc', math.nan) for r in rows])} "
-                f"| {_signed(paired)} | {rela} | {_cell([r['seconds'] / 60 for r in rows], 1)} |"
+                f"| {variant.name} | {len(rows)} | {mean_std_cell([r.get('best_epoch', math.nan) for r in rows], 1)} "
+                f"| {mean_std_cell([r[f'valid_{label}_auc'] for r in rows])} | {mean_std_cell(test_auc)} "
+                f"| {mean_std_cell([r[f'test_{label}_logloss'] for r in rows])} "
+                f"| {mean_std_cell([r.get(f'test_{label}_gauc', math.nan) for r in rows])} "
+                f"| {_signed(paired)} | {rela} | {mean_std_cell([r['seconds'] / 60 for r in rows], 1)} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
 def _signed(values: list[float]) -> str:
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     if math.isnan(mean):
         return "n/a"
     return f"{mean:+.4f}" if math.isnan(std) else f"{mean:+.4f} ± {std:.4f}"
@@ -217,7 +219,7 @@ def plot(study: StudyConfig, found: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [v.name for v in study.variants if found[v.name]]
-    stats = [_mean_std([r[f"test_{study.label}_auc"] for r in found[n]]) for n in names]
+    stats = [mean_std([r[f"test_{study.label}_auc"] for r in found[n]]) for n in names]
     groups = {v.name: v.group for v in study.variants}
     colours = {g: c for g, c in zip(dict.fromkeys(groups.values()), ["tab:blue", "tab:orange", "tab:green", "tab:red"])}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names)), 4.0))

@@ -46,6 +46,7 @@ from recforge.data.store import SplitView, Store
 from recforge.evaluate.metrics import sampled_ranking_metrics
 from recforge.experiment import claim_run, prepare_store
 from recforge.models import Model, build_model
+from recforge.study import mean_std, mean_std_cell
 from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
 KS = (10,)
@@ -448,11 +449,6 @@ def collect(table: TableConfig, out_root: Path) -> dict[str, dict[str, list[dict
 
 
 # --- report -----------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
 def _columns(table: TableConfig, results: dict) -> list[tuple[str, str]]:
     """(data set label, metric group) columns: every domain (and its cold rows when asked)."""
     columns = []
@@ -492,10 +488,9 @@ def render_table(table: TableConfig, results: dict) -> tuple[str, dict]:
                 if not found:
                     cells.append("—")
                     continue
-                mean, std = _mean_std(found)
                 seeds = "" if len(found) == len(table.seeds) or model == labels[-1] else f" (n={len(found)})"
-                cells.append((f"{mean:.4f} ± {std:.4f}" if len(found) > 1 else f"{mean:.4f}") + seeds)
-                means.setdefault(m, {}).setdefault(model, {})[column] = mean
+                cells.append(mean_std_cell(found) + seeds)
+                means.setdefault(m, {}).setdefault(model, {})[column] = mean_std(found)[0]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     ndcg = means.get("ndcg@10", {})
