@@ -18,6 +18,7 @@ from recforge.models import Model, build_model
 from recforge.train import distributed
 from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
+RUN_LOCK = "running.pid"  # a run folder held by a live process holds its pid here
 
 def prepare_store(data: DataConfig, root: Path = Path("runs/stores")) -> Store:
     """Open the store of ``data``, encoding it first unless an identical one exists."""
@@ -37,7 +38,7 @@ def claim_run(out: Path) -> bool:
     Lets several processes work through one study or table: each skips the runs another holds.
     """
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / "running.pid"
+    lock = out / RUN_LOCK
     if lock.exists():
         try:
             os.kill(int(lock.read_text()), 0)
@@ -46,6 +47,11 @@ def claim_run(out: Path) -> bool:
             pass  # left by a process that died
     lock.write_text(str(os.getpid()))
     return True
+
+
+def release_run(out: Path) -> None:
+    """Undo :func:`claim_run` once the run is done."""
+    (out / RUN_LOCK).unlink(missing_ok=True)
 
 
 def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: Path = Path("runs/stores")) -> dict:

@@ -87,7 +87,7 @@ def run_study(
     ``seeds`` and ``groups`` restrict the runs trained (not the pages) to some seeds and variant
     groups, e.g. to share a study among processes or machines that write into one ``runs`` folder.
     """
-    from recforge.experiment import claim_run, run
+    from recforge.experiment import claim_run, release_run, run
 
     path = Path(path)
     study = load_study(path)
@@ -117,7 +117,7 @@ def run_study(
         started = time.perf_counter()
         run(config, out, store_root=store_root)
         (out / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
-        (out / "running.pid").unlink(missing_ok=True)
+        release_run(out)
         write_pages(study, path, root)
     return write_pages(study, path, root)
 

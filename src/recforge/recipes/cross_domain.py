@@ -44,7 +44,7 @@ from recforge.data.batch import Batch
 from recforge.data.cross_domain import DomainInteractions
 from recforge.data.store import SplitView, Store
 from recforge.evaluate.metrics import sampled_ranking_metrics
-from recforge.experiment import claim_run, prepare_store
+from recforge.experiment import claim_run, prepare_store, release_run
 from recforge.models import Model, build_model
 from recforge.study import mean_std, mean_std_cell
 from recforge.train.trainer import TrainConfig, Trainer, seed_everything
@@ -421,7 +421,7 @@ def run_table(
                 store, data, candidates = prepared[dataset.label]
                 metrics = run_variant(store, data, variant, table, seed, out, candidates)
                 (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-                (out / "running.pid").unlink(missing_ok=True)
+                release_run(out)
                 print(f"[{table.name}] {dataset.label} / {variant.label} / seed {seed}: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_") and k.endswith("ndcg@10")),
                       flush=True)  # fmt: skip
