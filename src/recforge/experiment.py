@@ -20,6 +20,7 @@ from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
 RUN_LOCK = "running.pid"  # a run folder held by a live process holds its pid here
 
+
 def prepare_store(data: DataConfig, root: Path = Path("runs/stores")) -> Store:
     """Open the store of ``data``, encoding it first unless an identical one exists."""
     path = data.store_path(root)
