@@ -16,6 +16,7 @@ tensors.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ def setup() -> DistContext:
 
 def _shutdown() -> None:
     if dist.is_initialized():
+        # DDP reducers caught in reference cycles keep the gloo group alive; freed only at
+        # interpreter finalisation, its worker threads abort the process ("terminate called
+        # without an active exception"). Collect them while the interpreter is whole.
+        gc.collect()
         dist.destroy_process_group()
 
 
