@@ -119,7 +119,7 @@ def child(store_path: str, in_ram: bool, steps: int, batch_size: int, threads: i
 
     torch.manual_seed(0)
     model = build_model("deepfm", split.schema)
-    optimizers = Optimizers(model)
+    optimizers = Optimizers(model, model.sparse_parameters())
     stream = batches()
     peak_anon = peak_file = 0
     samples, start = 0, 0.0

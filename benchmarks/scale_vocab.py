@@ -89,7 +89,7 @@ def child(store_path: str, variant: str, steps: int, batch_size: int, threads: i
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         states = lambda: [optimizer.state]  # noqa: E731
     else:
-        optimizer = Optimizers(model)
+        optimizer = Optimizers(model, model.sparse_parameters())
         states = lambda: [opt.state for opt in optimizer._parts.values()]  # noqa: E731
     build_s = time.perf_counter() - start
 

@@ -73,7 +73,7 @@ def train_throughput(split: SplitView, batches: Iterator[Batch], steps: int, dev
     """Training samples per second over ``steps`` steps, after a short warm-up."""
     torch.manual_seed(0)
     model = build_model("din", split.schema).to(device)
-    optimizers = Optimizers(model)
+    optimizers = Optimizers(model, model.sparse_parameters())
     samples, start = 0, 0.0
     for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from torch import nn
 from recforge.data.batch import Batch
 from recforge.data.schema import Feature, Kind, Schema
 from recforge.models import Model, build_model, registered
+from recforge.models.base import ModelConfigError, make_config, protocol_of
+from recforge.models.capabilities import Funnel, Ranker, Retriever
 from recforge.nn.attention import TargetAttention
 from recforge.nn.experts import MixtureOfExperts
 from recforge.nn.interaction import CrossNetV2, FMInteraction
@@ -20,9 +24,13 @@ from recforge.nn.mlp import MLP
 
 N_USERS, N_ITEMS, N_CATEGORIES, N_GENRES = 50, 100, 8, 10  # ids 2 .. N + 1; 0 = pad, 1 = OOV
 HIST_LEN, GENRES_LEN = 8, 4
-# cross-domain models need a domain column and per-domain histories: tested in test_minet.py and test_unicdr.py
-SINGLE_DOMAIN = sorted(name for name, cls in registered().items() if ".crossdomain." not in cls.__module__)
-RANKERS = [name for name in SINGLE_DOMAIN if registered()[name].task == "ranking"]
+# cross-domain models need a domain column and per-domain histories: tested in test_minet.py and test_unicdr.py;
+# the cold-start generator in test_gme.py
+SINGLE_DOMAIN = sorted(
+    name for name, cls in registered().items() if ".crossdomain." not in cls.__module__ and protocol_of(cls) is None
+)
+RANKERS = [name for name in SINGLE_DOMAIN if issubclass(registered()[name], Ranker)]
+REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -144,7 +152,7 @@ def test_forward_loss_backward(schema, name):
     model = build_model(name, schema)
     batch = make_batch(32, seed=1)
     outputs = model(batch)
-    if model.task == "retrieval":
+    if isinstance(model, Retriever):
         assert outputs["user"].shape == outputs["item"].shape == (32, model.config.out_dim)
     else:
         assert set(outputs) & set(schema.labels)
@@ -155,7 +163,7 @@ def test_forward_loss_backward(schema, name):
         assert all(((p >= 0) & (p <= 1)).all() for p in probs.values())
     loss, parts = model.loss(outputs, batch)
     assert loss.dim() == 0 and torch.isfinite(loss)
-    assert parts and all(math.isfinite(v) for v in parts.values())
+    assert parts and all(v.dim() == 0 and not v.requires_grad and torch.isfinite(v) for v in parts.values())
     loss.backward()
     tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     assert tables and all(t.weight.grad is not None and t.weight.grad.is_sparse == t.sparse for t in tables)
@@ -164,10 +172,59 @@ def test_forward_loss_backward(schema, name):
 
 
 def test_build_model_rejects_unknown_config_keys(schema):
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ModelConfigError, match="unknown config keys"):
         build_model("deepfm", schema, {"hiden": [64]})
     model = build_model("dcnv2", schema, {"structure": "parallel", "cross_rank": 4, "hidden": [32]})
     assert model(make_batch(8, seed=0))["click"].shape == (8,)
+
+
+def test_every_config_resolves_from_plain_values():
+    for name in registered():
+        params = {"attributes": ["year"]} if name == "gme" else {}
+        config = make_config(name, params)
+        assert make_config(name, dataclasses.asdict(config)) == config  # what a bundle saves rebuilds it
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "error"),
+    [
+        ("dcnv2", {"structure": "diagonal"}, r"structure: Input should be 'stacked' or 'parallel' \(got 'diagonal'\)"),
+        ("dnn", {"activation": "swish"}, r"activation: Input should be 'relu', 'gelu'"),
+        ("din", {"attention_activation": "swish"}, "attention_activation"),
+        ("escm2", {"counterfactual": "ipw"}, "counterfactual"),
+        ("chorus_cvr", {"sam_weight": "none"}, "sam_weight"),
+        ("unicdr", {"aggregator": "max"}, "aggregator"),
+        ("unicdr", {"user_parts": "all"}, "user_parts"),
+        ("unicdr", {"eval_shared_domains": "some"}, "eval_shared_domains"),
+        ("gme", {"attributes": ["year"], "variant": "gme_x"}, "variant"),
+        ("fm", {"embedding_dim": 0}, "embedding_dim must be >= 1"),
+        ("esmm", {"conversion_label": "click"}, "click_label and conversion_label must differ"),
+        ("mmoe", {"click_label": "conversion"}, "click_label and conversion_label must differ"),
+        ("shared_bottom", {"domain_weights": [1.0]}, "2 domains but 1 domain_weights"),
+        ("minet", {"long_term": False, "short_term_source": False, "short_term_target": False}, "at least one interest"),
+        ("gme", {}, "attributes must name at least one"),
+        ("gme", {"attributes": ["year"], "cold_loss_weight": 1.5}, r"cold_loss_weight must be in \[0, 1\]"),
+    ],
+)
+def test_config_choices_and_cross_field_rules_are_checked(name, params, error):
+    with pytest.raises(ModelConfigError, match=error):
+        make_config(name, params)
+
+
+def test_every_model_names_its_paper_and_results_page():
+    for name, cls in registered().items():
+        assert cls.paper or name == "lr", name
+        assert cls.results_page and (REPO / cls.results_page).is_file(), name
+
+
+def test_single_task_models_predict_their_label(schema):
+    for name in RANKERS:
+        if not issubclass(registered()[name], Funnel):
+            assert build_model(name, schema).predicted_label == "click"
+            model = build_model(name, schema, {"label": "conversion"})
+            assert model.predicted_label == "conversion" and set(model(make_batch(4, seed=0))) == {"conversion"}
+    with pytest.raises(ValueError, match="label 'like' is not one of the schema's labels"):
+        build_model("dnn", schema, {"label": "like"})
 
 
 @pytest.mark.parametrize("name", RANKERS)
@@ -291,10 +348,10 @@ def test_esmm_ctcvr_is_the_product_and_loss_is_entire_space(schema):
 def test_mmoe_ctcvr_is_the_conversion_tower(schema):
     model = build_model("mmoe", schema)
     probs = model.predict(model(make_batch(16, seed=8)))
-    assert set(probs) == {"click", "conversion", "ctcvr"}
+    assert set(probs) == {"click", "conversion", "ctcvr"} and model.funnel_labels() == ("click", "conversion")
     torch.testing.assert_close(probs["ctcvr"], probs["conversion"])
     only_click = build_model("mmoe", schema, {"labels": ["click"]})
-    assert set(only_click.predict(only_click(make_batch(16, seed=8)))) == {"click"}
+    assert set(only_click.predict(only_click(make_batch(16, seed=8)))) == {"click"} and only_click.funnel_labels() is None
 
 
 # --- two-tower -----------------------------------------------------------------------------

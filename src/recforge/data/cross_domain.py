@@ -12,6 +12,8 @@ and domain columns) and holds, as flat numpy arrays:
   their cardinalities, and ``item_neighbours`` / ``item_weights`` [I, K] (an item-item graph).
 
 Items must belong to one domain each (qualify the ids with their domain otherwise).
+``to_tensors()`` gives the arrays as named tensors (a model's side data) and ``from_tensors``
+rebuilds the index from them and the domain names.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from scipy import sparse
+from torch import Tensor
 
 from recforge.data.store import SplitView, Store
 
 SIDE_BUCKETS = 24  # log2 buckets of train counts used as derived side features
+_ARRAYS = ("domain_of_code", "ptr", "items", "item_domain", "domain_ptr", "domain_items", "item_count", "user_side", "item_side")
+_GRAPH = ("item_neighbours", "item_weights")
 
 
 @dataclass
@@ -48,6 +54,34 @@ class DomainInteractions:
     @property
     def num_domains(self) -> int:
         return len(self.domain_names)
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Every array as a tensor of its name (int64; ``item_weights`` float32), the side
+        cardinalities as int64 ``user_side_sizes`` / ``item_side_sizes``; the graph when built."""
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in _ARRAYS}
+        tensors["user_side_sizes"] = torch.tensor(self.user_side_sizes, dtype=torch.int64)
+        tensors["item_side_sizes"] = torch.tensor(self.item_side_sizes, dtype=torch.int64)
+        if self.item_neighbours is not None:
+            tensors |= {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in _GRAPH}
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], domain_names: list[str]) -> "DomainInteractions":
+        """The index that :meth:`to_tensors` gave, with the names of its domains."""
+        arrays = {name: tensors[name].cpu().numpy() for name in _ARRAYS}
+        graph = {name: tensors[name].cpu().numpy() if name in tensors else None for name in _GRAPH}
+        num_domains = len(arrays["domain_ptr"]) - 1
+        if len(domain_names) != num_domains:
+            raise ValueError(f"{len(domain_names)} domain names for an index of {num_domains} domains")
+        return cls(
+            num_users=(len(arrays["ptr"]) - 1) // num_domains,
+            num_items=len(arrays["item_domain"]),
+            domain_names=list(domain_names),
+            user_side_sizes=tensors["user_side_sizes"].tolist(),
+            item_side_sizes=tensors["item_side_sizes"].tolist(),
+            **arrays,
+            **graph,
+        )
 
     def counts(self) -> np.ndarray:
         """Train items per (user, domain) -> [U, D]."""

@@ -1,6 +1,7 @@
 """Models, registered by name. Importing this package registers every model."""
 
 from recforge.models.base import Model, ModelConfig, build_model, register, registered
+from recforge.models.coldstart import gme  # noqa: F401
 from recforge.models.crossdomain import minet, shared_bottom, unicdr  # noqa: F401
 from recforge.models.multitask import esmm, mmoe  # noqa: F401
 from recforge.models.multitask import chorus_cvr, dcmt, escm2  # noqa: F401

@@ -1,24 +1,43 @@
 """The model contract and the registry.
 
-A model is an ``nn.Module`` built from ``(schema, config)``; ``config`` is a dataclass of its
-hyper-parameters whose defaults follow the paper. ``forward(batch)`` returns a dict with one
-logit tensor per task, keyed by label name, plus named auxiliary tensors; ``loss(outputs,
-batch)`` returns the total loss and its named parts as floats.
+A registered model is an ``nn.Module`` built from ``(schema, config, side)``:
+
+- ``config`` is a dataclass of its hyper-parameters whose defaults follow the paper; its field
+  types (``Literal`` choices included) are checked when it is built from plain values, and
+  ``__post_init__`` checks what types cannot say;
+- ``side`` is the data a model needs beyond its weights (an interaction index, an item graph),
+  computed once from the training data by ``side_data(store, config)`` and kept as named
+  tensors, so that the model is rebuilt from its saved bundle alone.
+
+``forward(batch)`` returns a dict with one logit tensor per task, keyed by label name, plus named
+auxiliary tensors; ``loss(outputs, batch)`` returns the total loss and its named parts as
+detached tensors (no host synchronisation per part). What else a model can do is declared by the
+capability classes of :mod:`recforge.models.capabilities` it derives from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
+from recforge.models.capabilities import NeedsProtocol, Ranker
+from recforge.models.features import FeatureEmbedding
+
+if TYPE_CHECKING:
+    from recforge.data.store import Store
 
 _REGISTRY: dict[str, type["Model"]] = {}
+
+
+class ModelConfigError(ValueError):
+    """A model's parameters that do not validate; the message names the model and the key."""
 
 
 @dataclasses.dataclass
@@ -27,39 +46,91 @@ class ModelConfig:
 
     embedding_dim: int = 16
 
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+
 
 class Model(nn.Module):
-    """Base class of every recforge model."""
+    """Base class of every registered model."""
 
-    config_class: ClassVar[type[ModelConfig]] = ModelConfig
-    #: "ranking" models output one logit per label; "retrieval" models also expose
-    #: ``user_embedding(batch)`` and ``item_embeddings()`` for full-corpus evaluation.
-    task: ClassVar[str] = "ranking"
+    config_class: ClassVar[type] = ModelConfig
+    registry_name: ClassVar[str]
+    #: the paper the model follows (title and venue) and its results page, for the model zoo
+    paper: ClassVar[str] = ""
+    results_page: ClassVar[str] = ""
 
-    def __init__(self, schema: Schema, config: ModelConfig) -> None:
+    def __init__(self, schema: Schema, config: Any, side: dict[str, Tensor] | None = None) -> None:
         super().__init__()
         self.schema = schema
         self.config = config
+        self.side = dict(side or {})
 
-    def label_to_predict(self, label: str | None) -> str:
-        """The label a single-task model predicts: ``label``, or the schema's first label."""
-        label = label or self.schema.labels[0]
-        if label not in self.schema.labels:
-            raise ValueError(f"{type(self).__name__}: label {label!r} is not one of the schema's labels {self.schema.labels}")
-        return label
+    @classmethod
+    def side_data(cls, store: "Store", config: Any) -> dict[str, Tensor]:
+        """The tensors the model needs beyond its weights, computed from ``store``'s training data."""
+        return {}
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    @classmethod
+    def needs_side_data(cls) -> bool:
+        return cls.side_data.__func__ is not Model.side_data.__func__  # type: ignore[attr-defined]
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The embedding tables, trained by the row-wise sparse optimiser (every ``nn.Embedding``
+        and ``nn.EmbeddingBag`` with ``sparse=True`` and every feature table); the rest is dense."""
+        return [
+            m.weight if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) else m.table.weight
+            for m in self.modules()
+            if (isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse) or isinstance(m, FeatureEmbedding)
+        ]
+
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Default: binary cross-entropy summed over every label the model predicts."""
         parts: dict[str, Tensor] = {}
         for label in self.schema.labels:
             if label in outputs:
                 parts[label] = F.binary_cross_entropy_with_logits(outputs[label], batch.labels[label])
         total = torch.stack(list(parts.values())).sum()
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, detached(parts)
+
+
+class RankingModel(Model, Ranker):
+    """A model that predicts a probability per label from its logits.
+
+    ``embedding`` is its table of field embeddings: a cold-start generator reads item attributes
+    from it and writes the rows of new items into it.
+    """
+
+    embedding: FeatureEmbedding
 
     def predict(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Probabilities per label from the forward outputs."""
         return {k: torch.sigmoid(outputs[k]) for k in self.schema.labels if k in outputs}
+
+
+@dataclasses.dataclass
+class SingleTaskConfig(ModelConfig):
+    """Hyper-parameters of a ranker of one label."""
+
+    label: str | None = None  # the label to predict; None = the schema's first label
+
+
+class SingleTaskModel(RankingModel):
+    """A ranker of one label, ``predicted_label``: the config's ``label``, or the schema's first label."""
+
+    predicted_label: str
+
+    def __init__(self, schema: Schema, config: SingleTaskConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
+        label = config.label or schema.labels[0]
+        if label not in schema.labels:
+            raise ValueError(f"{type(self).__name__}: label {label!r} is not one of the schema's labels {schema.labels}")
+        self.predicted_label = label
+
+
+def detached(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Loss parts as detached tensors: logged without a host synchronisation per part."""
+    return {name: value.detach() for name, value in parts.items()}
 
 
 def register(name: str):
@@ -81,14 +152,55 @@ def registered() -> dict[str, type[Model]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def build_model(name: str, schema: Schema, params: dict[str, Any] | None = None) -> Model:
-    """Build a registered model; ``params`` override its config defaults (unknown keys fail)."""
+def model_class(name: str) -> type[Model]:
     models = registered()
     if name not in models:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(models)}")
-    cls = models[name]
-    known = {f.name for f in dataclasses.fields(cls.config_class)}
-    unknown = set(params or {}) - known
+        raise ModelConfigError(f"unknown model {name!r}; known: {', '.join(models)}")
+    return models[name]
+
+
+def make_config(name: str, params: dict[str, Any] | None = None) -> Any:
+    """The validated config of model ``name``: ``params`` over its defaults, each value checked
+    against its field's type (unknown keys and wrong values fail, naming the key)."""
+    cls = model_class(name)
+    known = [f.name for f in dataclasses.fields(cls.config_class)]
+    unknown = sorted(set(params or {}) - set(known))
     if unknown:
-        raise ValueError(f"model {name!r}: unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(schema, cls.config_class(**(params or {})))
+        raise ModelConfigError(f"model {name!r}: unknown config keys {unknown}; known: {sorted(known)}")
+    try:
+        return pydantic.TypeAdapter(cls.config_class).validate_python(dict(params or {}))
+    except pydantic.ValidationError as err:
+        problems = "; ".join(_problem(e) for e in err.errors(include_url=False))
+        raise ModelConfigError(f"model {name!r}: {problems}") from None
+
+
+def _problem(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    given = f" (got {error['input']!r})" if "input" in error and error["type"] != "value_error" else ""
+    return f"{key}: {message}{given}" if key else message
+
+
+def build_model(
+    name: str,
+    schema: Schema,
+    params: dict[str, Any] | None = None,
+    store: "Store | None" = None,
+    side: dict[str, Tensor] | None = None,
+) -> Model:
+    """Build a registered model; ``params`` override its config defaults.
+
+    A model with side data takes it from ``side`` (a bundle) or computes it from ``store``.
+    """
+    cls = model_class(name)
+    config = make_config(name, params)
+    if side is None and cls.needs_side_data():
+        if store is None:
+            raise ModelConfigError(f"model {name!r} needs side data computed from a store (or loaded from its bundle)")
+        side = cls.side_data(store, config)
+    return cls(schema, config, side)
+
+
+def protocol_of(cls: type[Model]) -> str | None:
+    """The study protocol a model needs, or None when ``recforge train`` trains it."""
+    return cls.required_protocol if issubclass(cls, NeedsProtocol) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ class Dice(nn.Module):
         p = torch.sigmoid(z)  # [N, dim]
         return p * x + (1 - p) * self.alpha * x
 
+
+#: the activation names a config may choose
+Activation = Literal["relu", "gelu", "silu", "tanh", "sigmoid", "prelu", "dice"]
 
 #: activation name -> constructor taking the layer width
 ACTIVATIONS: dict[str, Callable[[int], nn.Module]] = {

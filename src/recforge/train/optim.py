@@ -1,7 +1,7 @@
 """Optimisers: AdamW for dense parameters, row-wise Adagrad for embedding tables.
 
-The embedding tables are the weights of :class:`~recforge.nn.embedding.FeatureEmbedding` and of
-any ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)``. A sparse gradient names
+The embedding tables are the parameters a model declares in ``sparse_parameters()`` (its feature
+tables and every ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)``). A sparse gradient names
 only the rows the batch looked up: :class:`RowWiseAdagrad` coalesces it and updates just those
 rows with ``index_add_`` / ``index_select``, so a step costs time in proportion to the rows a
 batch touches, not to the size of the table. (Small tables get dense gradients, whose rows are
@@ -22,22 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recforge.nn.embedding import FeatureEmbedding
 
-
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Trainable parameters as ``(dense, sparse)``; sparse ones are the embedding tables."""
-    sparse_ids = {
-        id(module.weight)
-        for module in model.modules()
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
-    } | {id(module.table.weight) for module in model.modules() if isinstance(module, FeatureEmbedding)}
-    dense: list[nn.Parameter] = []
-    sparse: list[nn.Parameter] = []
+def split_parameters(model: nn.Module, sparse: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters of ``model`` as ``(dense, sparse)``; ``sparse`` names the embedding tables."""
+    sparse_ids = {id(param) for param in sparse}
+    dense_params: list[nn.Parameter] = []
+    sparse_params: list[nn.Parameter] = []
     for param in model.parameters():  # shared parameters are listed once
         if param.requires_grad:
-            (sparse if id(param) in sparse_ids else dense).append(param)
-    return dense, sparse
+            (sparse_params if id(param) in sparse_ids else dense_params).append(param)
+    return dense_params, sparse_params
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):
@@ -82,7 +76,8 @@ def _rows_and_values(grad: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Optimizers:
-    """AdamW over the dense parameters and :class:`RowWiseAdagrad` over the sparse ones, as one.
+    """AdamW over the dense parameters and :class:`RowWiseAdagrad` over ``sparse`` (the model's
+    declared embedding tables), as one.
 
     ``step()`` clips the dense gradients to ``clip_norm`` (when set) and steps both optimisers.
     """
@@ -90,12 +85,13 @@ class Optimizers:
     def __init__(
         self,
         model: nn.Module,
+        sparse: list[nn.Parameter],
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         sparse_lr: float = 0.05,
         clip_norm: float | None = None,
     ) -> None:
-        self.dense_params, sparse_params = split_parameters(model)
+        self.dense_params, sparse_params = split_parameters(model, sparse)
         self.clip_norm = clip_norm
         self.dense = (
             torch.optim.AdamW(self.dense_params, lr=lr, weight_decay=weight_decay) if self.dense_params else None

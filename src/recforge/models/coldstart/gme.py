@@ -7,10 +7,13 @@ Predictions via Learning to Learn ID Embeddings. Feiyang Pan, Shuokai Li, Xiang 
 Tang, Qing He. SIGIR 2019, arXiv:1904.11547.
 
 A generator maps an item to the embedding that its ID row in a frozen, pre-trained CTR model
-should start from. It plugs into any ranking model that embeds its fields with a
-:class:`~recforge.nn.embedding.FeatureEmbedding` named ``embedding``: the generated vectors
-replace the item field's rows (``FeatureEmbedding.replaced``) while the generator learns, and
-are written into the table for new items afterwards.
+should start from. It plugs into any ranking model through the model's ``embedding`` (the
+:class:`~recforge.models.features.FeatureEmbedding` every ranker declares): the generated
+vectors replace the item field's rows (``FeatureEmbedding.replaced``) while the generator
+learns, and are written into the table for new items afterwards (:func:`write_generated`).
+It is the registered model ``gme`` (``variant`` picks GME-P/G/A or MetaEmb), built from its
+config and the item graph of ``GraphMetaEmbedding.side_data(store, config)``; it trains only
+under the ``cold_start`` protocol.
 
 Part by part:
 
@@ -42,8 +45,8 @@ Part by part:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -53,16 +56,24 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
-from recforge.models.base import Model
-from recforge.nn.embedding import FeatureEmbedding
+from recforge.models.base import Model, ModelConfig, RankingModel, SingleTaskModel, detached, register
+from recforge.models.capabilities import EmbeddingGenerator, NeedsProtocol
+from recforge.models.features import FeatureEmbedding
 
-VARIANTS = ("meta_emb", "gme_p", "gme_g", "gme_a")
+if TYPE_CHECKING:
+    from recforge.data.store import Store
 
 
 @dataclass
-class GMEConfig:
-    """Generator and meta-learning settings; defaults follow the official code."""
+class GMEConfig(ModelConfig):
+    """The item graph, generator and meta-learning settings; defaults follow the official code.
 
+    ``embedding_dim`` is the width of the backbone's embedding table the generator fills.
+    """
+
+    item_feature: str = "item_id"
+    attributes: list[str] = field(default_factory=list)  # the item's attribute fields: u and the graph
+    num_neighbours: int = 10
     variant: Literal["meta_emb", "gme_p", "gme_g", "gme_a"] = "gme_a"
     gamma: float = 1.0  # scale of EG's tanh output
     attention_dim: int | None = None  # GME-A's att_dim; None = 10 * number of attribute fields
@@ -72,12 +83,23 @@ class GMEConfig:
     inner_grad: Literal["per_item", "per_row"] = "per_item"
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"GME: unknown variant {self.variant!r}; known: {VARIANTS}")
-        if self.inner_grad not in ("per_item", "per_row"):
-            raise ValueError(f"GME: inner_grad must be 'per_item' or 'per_row', got {self.inner_grad!r}")
+        super().__post_init__()
+        if not self.attributes:
+            raise ValueError("attributes must name at least one item attribute field")
+        if self.num_neighbours < 1:
+            raise ValueError(f"num_neighbours must be >= 1, got {self.num_neighbours}")
         if not 0.0 <= self.cold_loss_weight <= 1.0:
-            raise ValueError(f"GME: cold_loss_weight must be in [0, 1], got {self.cold_loss_weight}")
+            raise ValueError(f"cold_loss_weight must be in [0, 1], got {self.cold_loss_weight}")
+
+
+def attribute_fields(schema: Schema, attributes: list[str]) -> tuple[list[str], list[str]]:
+    """``attributes`` split into the categorical fields and the list (sequence) fields."""
+    categorical = [a for a in attributes if schema.feature(a).kind is Kind.CATEGORICAL]
+    lists = [a for a in attributes if schema.feature(a).kind is Kind.SEQUENCE]
+    unsupported = set(attributes) - set(categorical) - set(lists)
+    if unsupported:
+        raise ValueError(f"GME: attribute fields must be categorical or list features, not {sorted(unsupported)}")
+    return categorical, lists
 
 
 class ItemGraph(nn.Module):
@@ -91,29 +113,17 @@ class ItemGraph(nn.Module):
     """
 
     def __init__(
-        self,
-        schema: Schema,
-        attributes: list[str],
-        categorical: Tensor,
-        lists: dict[str, Tensor],
-        is_old: Tensor,
-        old_popularity: Tensor,
-        num_neighbours: int = 10,
+        self, schema: Schema, attributes: list[str], categorical: Tensor, lists: dict[str, Tensor], is_old: Tensor, neighbours: Tensor
     ) -> None:
         super().__init__()
         self.schema = schema
         self.attributes = list(attributes)
-        self.categorical_fields = [a for a in attributes if schema.feature(a).kind is Kind.CATEGORICAL]
-        self.list_fields = [a for a in attributes if schema.feature(a).kind is Kind.SEQUENCE]
-        unsupported = set(attributes) - set(self.categorical_fields) - set(self.list_fields)
-        if unsupported:
-            raise ValueError(f"GME: attribute fields must be categorical or list features, not {sorted(unsupported)}")
+        self.categorical_fields, self.list_fields = attribute_fields(schema, attributes)
         self.register_buffer("categorical", categorical, persistent=False)  # [V, Fc]
-        self.lists = {name: lists[name] for name in self.list_fields}  # name -> [V, L]
+        for name in self.list_fields:
+            self.register_buffer(f"list_{name}", lists[name], persistent=False)  # [V, L]
         self.register_buffer("is_old", is_old, persistent=False)  # [V]
-        self.register_buffer(
-            "neighbours", top_neighbours(categorical, list(self.lists.values()), is_old, old_popularity, num_neighbours), persistent=False
-        )  # [V, N]
+        self.register_buffer("neighbours", neighbours, persistent=False)  # [V, N]
 
     @property
     def num_fields(self) -> int:
@@ -125,7 +135,7 @@ class ItemGraph(nn.Module):
         for column, name in enumerate(self.categorical_fields):
             parts.append(embedding.lookup(self.categorical[items, column], self.schema.feature(name).vocab))  # [..., k]
         for name in self.list_fields:
-            ids = self.lists[name].to(items.device)[items]  # [..., L]
+            ids = self.get_buffer(f"list_{name}")[items]  # [..., L]
             vectors = embedding.lookup(ids, self.schema.feature(name).vocab) * (ids != 0).unsqueeze(-1)  # [..., L, k]
             parts.append(vectors.sum(-2))  # sum pooling, [..., k]
         return torch.cat(parts, -1)  # [..., n_a k]
@@ -194,19 +204,69 @@ class NeighbourAttention(nn.Module):
         return F.elu((alpha.unsqueeze(-1) * h).sum(1)), alpha  # ELU(sum_i alpha_i W x_i), [n, out]
 
 
-class GraphMetaEmbedding(nn.Module):
-    """The generator of every variant: ``forward(items, embedding)`` -> r_0 [n, k]."""
+@register("gme")
+class GraphMetaEmbedding(Model, EmbeddingGenerator, NeedsProtocol):
+    """The generator of every variant: ``generate(items, embedding)`` -> r_0 [n, k].
 
-    def __init__(self, graph: ItemGraph, item_feature: str, embedding_dim: int, config: GMEConfig) -> None:
-        super().__init__()
-        self.graph = graph
-        self.item_feature = item_feature
-        self.item_vocab = graph.schema.feature(item_feature).vocab
-        self.config = config
-        k, u_dim = embedding_dim, graph.num_fields * embedding_dim
+    Side data (:meth:`side_data`): ``categorical`` [V, Fc], ``lists.<name>`` [V, L] per list
+    attribute, ``is_old`` [V] and ``neighbours`` [V, N] of :class:`ItemGraph`.
+    """
+
+    config_class = GMEConfig
+    required_protocol = "cold_start"
+    paper = (
+        "Ouyang et al., Learning Graph Meta Embeddings for Cold-Start Ads in Click-Through Rate Prediction, "
+        "SIGIR 2021, arXiv:2105.08909"
+    )
+    results_page = "docs/results/gme_movielens1m.md"
+
+    @classmethod
+    def side_data(cls, store: "Store", config: GMEConfig) -> dict[str, Tensor]:
+        """Attributes of every item (from its first train or valid row) and its old-item neighbours;
+        old items are those with train rows (their train row count breaks neighbour ties)."""
+        schema, item = store.schema, config.item_feature
+        cat_fields, list_fields = attribute_fields(schema, config.attributes)
+        size = schema.vocab_size(schema.feature(item).vocab)
+        is_old = torch.zeros(size, dtype=torch.bool)
+        popularity = torch.zeros(size, dtype=torch.float64)
+        categorical = torch.zeros(size, len(cat_fields), dtype=torch.long)
+        lists = {name: torch.zeros(size, schema.feature(name).max_len, dtype=torch.long) for name in list_fields}
+        for split in ("train", "valid"):
+            view = store.split(split)
+            ids = view.column(item).astype(np.int64)
+            unique, first, counts = np.unique(ids, return_index=True, return_counts=True)
+            batch = view.take(np.sort(first))
+            batch_items = batch.categorical[:, schema.categorical_index(item)]
+            for column, name in enumerate(cat_fields):
+                categorical[batch_items, column] = batch.categorical[:, schema.categorical_index(name)]
+            for name in list_fields:
+                lists[name][batch_items] = batch.sequences[name]
+            if split == "train":
+                is_old[torch.from_numpy(unique)] = True
+                popularity[torch.from_numpy(unique)] = torch.from_numpy(counts.astype(np.float64))
+        neighbours = top_neighbours(categorical, list(lists.values()), is_old, popularity, config.num_neighbours)
+        return {
+            "categorical": categorical, "is_old": is_old, "neighbours": neighbours,
+            **{f"lists.{name}": ids for name, ids in lists.items()},
+        }  # fmt: skip
+
+    def __init__(self, schema: Schema, config: GMEConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
+        side = self.side
+        _, list_fields = attribute_fields(schema, config.attributes)
+        needed = ["categorical", "is_old", "neighbours", *(f"lists.{name}" for name in list_fields)]
+        missing = [key for key in needed if key not in side]
+        if missing:
+            raise ValueError(f"gme: side data lacks {missing} (GraphMetaEmbedding.side_data(store, config) gives them)")
+        self.item_vocab = schema.feature(config.item_feature).vocab
+        if len(side["neighbours"]) != schema.vocab_size(self.item_vocab):
+            raise ValueError(f"gme: an item graph of {len(side['neighbours'])} items for a vocabulary of {schema.vocab_size(self.item_vocab)}")
+        lists = {name: side[f"lists.{name}"] for name in list_fields}
+        self.graph = ItemGraph(schema, config.attributes, side["categorical"], lists, side["is_old"], side["neighbours"])
+        k, u_dim = config.embedding_dim, self.graph.num_fields * config.embedding_dim
         meta_in = u_dim
         if config.variant == "gme_a":
-            att_dim = config.attention_dim or 10 * graph.num_fields
+            att_dim = config.attention_dim or 10 * self.graph.num_fields
             self.attention = NeighbourAttention(u_dim, att_dim, config.leaky_slope)
             meta_in = att_dim
         elif config.variant in ("gme_p", "gme_g"):
@@ -214,53 +274,55 @@ class GraphMetaEmbedding(nn.Module):
         self.meta = nn.Linear(meta_in, k, bias=False)  # W_meta
         nn.init.xavier_uniform_(self.meta.weight)
 
-    def generate(self, u: Tensor) -> Tensor:
+    @property
+    def item_feature(self) -> str:
+        return self.config.item_feature
+
+    def eg(self, u: Tensor) -> Tensor:
         return self.config.gamma * torch.tanh(self.meta(u))  # EG(u) = gamma tanh(W_meta u), [..., k]
 
-    def forward(self, items: Tensor, embedding: FeatureEmbedding) -> Tensor:
-        """Initial ID embeddings of ``items`` [n] (item-vocabulary ids) -> [n, k]."""
+    def generate(self, items: Tensor, embedding: FeatureEmbedding) -> Tensor:
+        """Initial ID embeddings of ``items`` [n] (item-vocabulary ids) from the attribute rows of
+        ``embedding`` (a backbone's table, of width ``embedding_dim``) -> [n, k]."""
+        if embedding.dim != self.config.embedding_dim:
+            raise ValueError(f"gme: a generator of width {self.config.embedding_dim} for a table of width {embedding.dim}")
         u0 = self.graph.attribute_vectors(items, embedding)  # [n, n_a k]
         variant = self.config.variant
         if variant == "meta_emb":
-            return self.generate(u0)
+            return self.eg(u0)
         neighbours = self.graph.neighbours[items]  # [n, N]
         mask = torch.cat([torch.ones_like(neighbours[:, :1], dtype=torch.bool), neighbours != 0], 1)  # [n, 1 + N]
         if variant == "gme_a":
             z = torch.cat([u0.unsqueeze(1), self.graph.attribute_vectors(neighbours, embedding)], 1)  # [n, 1 + N, n_a k]
             z_tilde, _ = self.attention(z, mask)  # [n, att_dim]
-            return self.generate(z_tilde)  # r_0 = gamma tanh(W_meta z~_0)
-        g0 = self.generate(u0)  # [n, k]
+            return self.eg(z_tilde)  # r_0 = gamma tanh(W_meta z~_0)
+        g0 = self.eg(u0)  # [n, k]
         if variant == "gme_p":
             p = embedding.lookup(neighbours, self.item_vocab).detach()  # pre-trained ID embeddings, [n, N, k]
         else:
-            p = self.generate(self.graph.attribute_vectors(neighbours, embedding))  # EG(u_i), [n, N, k]
+            p = self.eg(self.graph.attribute_vectors(neighbours, embedding))  # EG(u_i), [n, N, k]
         r0, _ = self.attention(torch.cat([g0.unsqueeze(1), p], 1), mask)  # [n, k]
         return r0
 
-
-def feature_embedding(model: Model) -> FeatureEmbedding:
-    """The table a generator writes to: the model's ``embedding`` (every ranking model has one)."""
-    embedding = getattr(model, "embedding", None)
-    if not isinstance(embedding, FeatureEmbedding):
-        raise TypeError(f"{type(model).__name__} has no FeatureEmbedding named 'embedding' for a generator to fill")
-    return embedding
+    forward = generate
 
 
-def row_losses(model: Model, batch: Batch) -> Tensor:
+def row_losses(model: SingleTaskModel, batch: Batch) -> Tensor:
     """Per-row binary cross-entropy of the model's predicted label -> [B]."""
-    label = model.label_to_predict(getattr(model.config, "label", None))
+    label = model.predicted_label
     return F.binary_cross_entropy_with_logits(model(batch)[label], batch.labels[label], reduction="none")
 
 
 def meta_loss(
-    generator: GraphMetaEmbedding, model: Model, batch_a: Batch, batch_b: Batch
-) -> tuple[Tensor, dict[str, float]]:
-    """alpha l_a + (1 - alpha) l_b for two batches of the same old items [paper, eq. 7-9]."""
-    config, embedding = generator.config, feature_embedding(model)
-    column = generator.graph.schema.categorical_index(generator.item_feature)
+    generator: GraphMetaEmbedding, model: SingleTaskModel, batch_a: Batch, batch_b: Batch
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """alpha l_a + (1 - alpha) l_b for two batches of the same old items [paper, eq. 7-9]; parts
+    ``cold`` (l_a) and ``warm`` (l_b)."""
+    config, embedding = generator.config, model.embedding
+    column = generator.schema.categorical_index(generator.item_feature)
     items_a, items_b = batch_a.categorical[:, column], batch_b.categorical[:, column]
     unique, index_a = torch.unique(items_a, return_inverse=True)  # [n], [B_a]
-    r0 = generator(unique, embedding)  # [n, k]
+    r0 = generator.generate(unique, embedding)  # [n, k]
     if config.inner_grad == "per_row":
         if not torch.equal(items_a, items_b):
             raise ValueError("GME per-row inner step: batch B must list the items of batch A row by row")
@@ -284,4 +346,13 @@ def meta_loss(
     with embedding.replaced(generator.item_feature, rows_b):
         warm = row_losses(model, batch_b).mean()  # l_b
     alpha = config.cold_loss_weight
-    return alpha * cold + (1 - alpha) * warm, {"cold": float(cold.detach()), "warm": float(warm.detach())}
+    return alpha * cold + (1 - alpha) * warm, detached({"cold": cold, "warm": warm})
+
+
+def write_generated(model: RankingModel, generator: GraphMetaEmbedding, items: np.ndarray | Tensor) -> None:
+    """Store the generated embeddings of ``items`` [n] in the model's item-ID rows."""
+    embedding = model.embedding
+    ids = torch.as_tensor(items, device=embedding.table.weight.device)
+    with torch.no_grad():
+        vectors = generator.generate(ids, embedding)
+        embedding.table.weight[ids + embedding.vocab_offset[generator.item_vocab]] = vectors

@@ -49,8 +49,8 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
-from recforge.models.base import Model, ModelConfig, register
-from recforge.nn.embedding import FeatureEmbedding
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
+from recforge.models.features import FeatureEmbedding
 from recforge.nn.losses import per_domain_bce
 from recforge.nn.mlp import MLP
 
@@ -118,7 +118,7 @@ class InterestAttention(nn.Module):
 
 
 @dataclass
-class MiNetConfig(ModelConfig):
+class MiNetConfig(SingleTaskConfig):
     embedding_dim: int = 10
     user_fields: list[str] = field(default_factory=lambda: ["user_id", "gender", "age", "occupation", "zip"])
     item_fields: list[str] = field(default_factory=lambda: ["item_id", "genre", "year"])
@@ -139,16 +139,21 @@ class MiNetConfig(ModelConfig):
     short_term_target: bool = True  # a_t
     item_attention: bool = True  # False: histories are mean-pooled
     interest_attention: bool = True  # False: v_x = 1
-    label: str | None = None  # the label to predict; None = the schema's first label
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.long_term or self.short_term_source or self.short_term_target):
+            raise ValueError("at least one interest must be on")
 
 
 @register("minet")
-class MiNet(Model):
+class MiNet(SingleTaskModel):
     config_class = MiNetConfig
+    paper = "Ouyang et al., MiNet: Mixed Interest Network for Cross-Domain Click-Through Rate Prediction, CIKM 2020, arXiv:2008.02974"
+    results_page = "docs/results/minet_movielens1m.md"
 
-    def __init__(self, schema: Schema, config: MiNetConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: MiNetConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         if schema.domain is None:
             raise ValueError("minet: the schema needs a domain column")
         self.target_id = schema.domain_id(config.target_domain)
@@ -165,8 +170,6 @@ class MiNet(Model):
             for name, on in (("long_term", config.long_term), ("source", config.short_term_source), ("target", config.short_term_target))
             if on
         ]
-        if not self.interests:
-            raise ValueError("minet: at least one interest must be on")
         d = config.embedding_dim
         self.user_index = [schema.categorical_index(n) for n in config.user_fields]
         self.item_index = [schema.categorical_index(n) for n in config.item_fields]
@@ -229,12 +232,13 @@ class MiNet(Model):
             logit = logit.index_put((target_rows,), self.target_logit(_rows(batch, target_rows)))
         if len(source_rows):
             logit = logit.index_put((source_rows,), self.source_logit(_rows(batch, source_rows)))
-        return {self.label: logit}
+        return {self.predicted_label: logit}
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         weights = {self.target_id: 1.0, self.source_id: self.config.source_weight}  # L = L_t + gamma L_s
-        total, parts = per_domain_bce(outputs[self.label], batch.labels[self.label], batch.domain, weights)
-        return total, {"target": float(parts[self.target_id]), "source": float(parts[self.source_id])}
+        label = self.predicted_label
+        total, parts = per_domain_bce(outputs[label], batch.labels[label], batch.domain, weights)
+        return total, detached({"target": parts[self.target_id], "source": parts[self.source_id]})
 
 
 def _rows(batch: Batch, rows: Tensor) -> Batch:

@@ -19,36 +19,39 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
-from recforge.nn.embedding import FeatureEmbedding
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
+from recforge.models.features import FeatureEmbedding
 from recforge.nn.losses import per_domain_bce
-from recforge.nn.mlp import MLP
+from recforge.nn.mlp import MLP, Activation
 
 
 @dataclass
-class SharedBottomConfig(ModelConfig):
+class SharedBottomConfig(SingleTaskConfig):
     embedding_dim: int = 10
     domains: list[str] = field(default_factory=lambda: ["target", "source"])  # one tower each
     domain_weights: list[float] | None = None  # loss weight per domain; None = 1 each
     bottom_hidden: list[int] = field(default_factory=lambda: [256])
     tower_hidden: list[int] = field(default_factory=lambda: [128])
     dropout: float = 0.0
-    activation: str = "relu"
-    label: str | None = None  # the label to predict; None = the schema's first label
+    activation: Activation = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.domain_weights is not None and len(self.domain_weights) != len(self.domains):
+            raise ValueError(f"{len(self.domains)} domains but {len(self.domain_weights)} domain_weights")
 
 
 @register("shared_bottom")
-class SharedBottom(Model):
+class SharedBottom(SingleTaskModel):
     config_class = SharedBottomConfig
+    paper = "Caruana, Multitask Learning, Machine Learning 1997"
+    results_page = "docs/results/minet_movielens1m.md"
 
-    def __init__(self, schema: Schema, config: SharedBottomConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: SharedBottomConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         if schema.domain is None:
             raise ValueError("shared_bottom: the schema needs a domain column")
         weights = config.domain_weights or [1.0] * len(config.domains)
-        if len(weights) != len(config.domains):
-            raise ValueError(f"shared_bottom: {len(config.domains)} domains but {len(weights)} domain_weights")
         self.domain_ids = [schema.domain_id(d) for d in config.domains]
         self.weights = dict(zip(self.domain_ids, weights))
         d = config.embedding_dim
@@ -71,9 +74,10 @@ class SharedBottom(Model):
         h = self.bottom(self.embedding.flat(batch))  # shared bottom: [B, H]
         logits = torch.cat([tower(h) for tower in self.towers], 1)  # every tower: [B, T]
         own = self.tower_of_domain[batch.domain]  # [B]
-        return {self.label: logits.gather(1, own.unsqueeze(1)).squeeze(1)}  # the row's own tower: [B]
+        return {self.predicted_label: logits.gather(1, own.unsqueeze(1)).squeeze(1)}  # the row's own tower: [B]
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        total, parts = per_domain_bce(outputs[self.label], batch.labels[self.label], batch.domain, self.weights)
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        label = self.predicted_label
+        total, parts = per_domain_bce(outputs[label], batch.labels[label], batch.domain, self.weights)
         names = dict(zip(self.domain_ids, self.config.domains))
-        return total, {names[i]: float(v) for i, v in parts.items()}
+        return total, detached({names[i]: v for i, v in parts.items()})

@@ -45,10 +45,11 @@ UniCDR+ extensions, each behind its own switch; their forms are [reconstructed]:
 2. ``item_graph``: item-item co-occurrence graph over every domain's train interactions, symmetric
    normalisation, ``e~ = mean_{k=0..2} A^k e`` (first hop cut to 10 neighbours, the result to 20
    entries per item, applied as a weighted bag of the item table).
-3. ``aggregator="self_attention"``: one SASRec block (learned positions, causal mask, 1 head, FFN)
-   over the context, masked mean of its outputs as the pool. The target-attention aggregator is
-   not built: its user vector depends on the candidate, which the dot-product retrieval head
-   (kept for full-rank serving, as the spec says) cannot take.
+3. ``aggregator="self_attention"``: one SASRec block (learned positions, causal mask, 1 head, FFN;
+   :class:`~recforge.nn.sequence.SelfAttentionPool`) over the context, masked mean of its
+   outputs as the pool. The target-attention aggregator is not built: its user vector depends
+   on the candidate, which the dot-product retrieval head (kept for full-rank serving, as the
+   spec says) cannot take.
 4. ``soft_contrastive``: ``L_soft = -sum_i sum_j q_ij log softmax_j(<u_d^i, u_s^j> / tau)`` over the
    batch with L2-normalised vectors, ``q = (1 - eps) I + eps softmax_j(cos(h_i, h_j) / 0.1)``, h
    the user's multi-hot train history (all domains); tau = 0.2, eps = 0.1, weight 0.1.
@@ -56,10 +57,13 @@ UniCDR+ extensions, each behind its own switch; their forms are [reconstructed]:
    the schema (behaviour), loss ``behaviour_weight * sum_b BCE_b`` on the positive and the sampled
    negatives; retrieval keeps the dot product.
 
-The model needs the train interactions: call :meth:`UniCDR.bind` with a
-:class:`~recforge.data.cross_domain.DomainInteractions` before training or evaluation.
-Outputs of ``forward`` in training: ``pos`` [B], ``neg`` [B, N], and the critic, soft-contrastive
-and behaviour logits when enabled; ``user_embedding(batch)`` / ``item_embeddings()`` serve
+The model needs the train interactions: ``UniCDR.side_data(store, config)`` gives them (a
+:class:`~recforge.data.cross_domain.DomainInteractions` of the train split, with the side
+features of ``user_side_columns`` / ``item_side_columns`` and, with ``item_graph``, the item
+graph) as the named tensors the model is built from, so that it is rebuilt from its saved
+weights and side data alone. It trains under the ``cross_domain`` protocol. Outputs of
+``forward`` in training: ``pos`` [B], ``neg`` [B, N], and the critic, soft-contrastive and
+behaviour logits when enabled; ``user_embedding(batch)`` / ``item_embeddings()`` serve
 evaluation.
 """
 
@@ -68,9 +72,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -78,12 +81,15 @@ from torch import Tensor, nn
 from recforge.data.batch import Batch
 from recforge.data.cross_domain import DomainInteractions
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import Model, ModelConfig, detached, register
+from recforge.models.capabilities import NeedsProtocol, Retriever
 from recforge.nn.experts import MixtureOfExperts
-from recforge.nn.mlp import MLP
+from recforge.nn.sequence import SelfAttentionPool, segment_sample
 
-AGGREGATORS = ("mean", "user_attention", "self_attention")
-USER_PARTS = ("both", "specific", "shared")
+if TYPE_CHECKING:
+    from recforge.data.store import Store
+
+Aggregator = Literal["mean", "user_attention", "self_attention"]
 
 
 @dataclass
@@ -91,7 +97,7 @@ class UniCDRConfig(ModelConfig):
     embedding_dim: int = 128
     user_feature: str = "user_id"
     item_feature: str = "item_id"
-    aggregator: str = "user_attention"
+    aggregator: Aggregator = "user_attention"
     lambda_a: float = 0.5  # weight of the ID embedding in the aggregator
     dropout: float = 0.3
     mask_rate: float = 0.1  # interaction masking
@@ -101,8 +107,8 @@ class UniCDRConfig(ModelConfig):
     lambda_loss: float = 0.4  # weight of the recommendation loss against the critic's
     init_std: float = 0.1
     sparse_embeddings: bool = True  # row-wise sparse updates (the core optimiser's Adagrad rows); False: AdamW
-    user_parts: str = "both"  # both | specific (target-only) | shared (source-only)
-    eval_shared_domains: str = "all"  # all (intra scenarios) | other (cold-start users)
+    user_parts: Literal["both", "specific", "shared"] = "both"  # specific: target-only; shared: source-only
+    eval_shared_domains: Literal["all", "other"] = "all"  # all: the intra scenarios; other: cold-start users
     official_target_leak: bool = False
     # UniCDR+ extensions
     side_features: bool = False
@@ -121,74 +127,11 @@ class UniCDRConfig(ModelConfig):
     behaviour_weight: float = 0.4
 
 
-def segment_sample(ptr: Tensor, values: Tensor, segment: Tensor, take: Tensor, width: int, shuffle: bool) -> Tensor:
-    """Up to ``take[b]`` entries of ``values[ptr[s]:ptr[s+1]]`` for ``s = segment[b]`` -> [B, width], 0-padded.
-
-    ``shuffle``: a uniform sample without replacement; otherwise the first entries. Segments
-    longer than ``4 * width`` draw ``3 * width`` positions with replacement and keep the first
-    distinct ones (at least ``width`` of them but with negligible probability), so that a long
-    history costs no more than a short one.
-    """
-    start, stop = ptr[segment], ptr[segment + 1]  # [B]
-    length = stop - start
-    take = torch.minimum(take, length)
-    short = max(4 * width, 1)
-    span = min(max(int(length.max()) if len(length) else 0, 1), short if shuffle else width)
-    position = torch.arange(span, device=ptr.device).expand(len(segment), span)  # [B, L]
-    valid = position < length[:, None]
-    if shuffle:
-        keys = torch.rand(valid.shape, device=ptr.device).masked_fill(~valid, math.inf)
-        position = keys.topk(min(width, span), dim=1, largest=False).indices  # [B, w] distinct positions
-        long = length > short
-        if long.any():
-            draws = (torch.rand(int(long.sum()), 3 * width, device=ptr.device) * length[long, None]).long()  # [R, 3w]
-            ordered, order = draws.sort(1)
-            repeat = torch.zeros_like(ordered, dtype=torch.bool)
-            repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-            duplicate = torch.zeros_like(repeat).scatter(1, order, repeat)  # later copies, in draw order
-            first = torch.argsort(duplicate.int(), dim=1, stable=True)[:, : position.shape[1]]
-            position = position.clone()
-            position[long] = draws.gather(1, first)
-            distinct = torch.full_like(take, width)
-            distinct[long] = (~duplicate).sum(1)
-            take = torch.minimum(take, distinct)
-    index = (start[:, None] + position).clamp(max=max(len(values) - 1, 0))
-    picked = values[index] if len(values) else torch.zeros_like(index)  # [B, w]
-    keep = torch.arange(picked.shape[1], device=ptr.device)[None, :] < take[:, None]
-    picked = picked * keep
-    return F.pad(picked, (0, width - picked.shape[1]))  # [B, width]
-
-
-class SelfAttentionPool(nn.Module):
-    """One SASRec block (Kang & McAuley 2018): positions, causal 1-head attention, FFN; masked mean out."""
-
-    def __init__(self, dim: int, max_len: int, dropout: float) -> None:
-        super().__init__()
-        self.positions = nn.Embedding(max_len, dim)
-        self.norm_in = nn.LayerNorm(dim)
-        self.attention = nn.MultiheadAttention(dim, 1, dropout=dropout, batch_first=True)
-        self.norm_ffn = nn.LayerNorm(dim)
-        self.ffn = MLP(dim, [dim], dropout, "relu", out_dim=dim)
-
-    def forward(self, items: Tensor, mask: Tensor) -> Tensor:
-        length = items.shape[1]
-        x = items + self.positions.weight[:length]  # [B, L, D]
-        causal = torch.ones(length, length, dtype=torch.bool, device=items.device).triu(1)
-        query = self.norm_in(x)
-        attended, _ = self.attention(query, x, x, attn_mask=causal, key_padding_mask=~mask, need_weights=False)
-        x = query + attended.nan_to_num(0.0)  # a query with no visible item attends to nothing
-        x = x + self.ffn(self.norm_ffn(x))  # [B, L, D]
-        weight = mask.unsqueeze(-1).float()
-        return (x * weight).sum(1) / weight.sum(1).clamp(min=1.0)  # [B, D]
-
-
 class BehaviourAggregator(nn.Module):
     """``agg(e, {v_j}) = lambda_a e + (1 - lambda_a) W_agg pool({v_j})``: [B, D], [B, L, D], [B, L] -> [B, D]."""
 
-    def __init__(self, dim: int, kind: str, lambda_a: float, max_len: int, dropout: float) -> None:
+    def __init__(self, dim: int, kind: Aggregator, lambda_a: float, max_len: int, dropout: float) -> None:
         super().__init__()
-        if kind not in AGGREGATORS:
-            raise ValueError(f"unicdr: aggregator must be one of {AGGREGATORS}, got {kind!r}")
         self.kind, self.lambda_a = kind, lambda_a
         self.w_agg = nn.Linear(dim, dim, bias=False)
         if kind == "user_attention":
@@ -212,16 +155,24 @@ class BehaviourAggregator(nn.Module):
 
 
 @register("unicdr")
-class UniCDR(Model):
+class UniCDR(Model, Retriever, NeedsProtocol):
     config_class = UniCDRConfig
-    task: ClassVar[str] = "retrieval"
+    required_protocol = "cross_domain"
+    paper = "Cao et al., Towards Universal Cross-Domain Recommendation, WSDM 2023"
+    results_page = "docs/results/unicdr_amazon.md"
 
-    def __init__(self, schema: Schema, config: UniCDRConfig) -> None:
-        super().__init__(schema, config)
-        if config.user_parts not in USER_PARTS:
-            raise ValueError(f"unicdr: user_parts must be one of {USER_PARTS}, got {config.user_parts!r}")
-        if config.eval_shared_domains not in ("all", "other"):
-            raise ValueError(f"unicdr: eval_shared_domains must be 'all' or 'other', got {config.eval_shared_domains!r}")
+    @classmethod
+    def side_data(cls, store: "Store", config: UniCDRConfig) -> dict[str, Tensor]:
+        """The train interactions of ``store`` (:meth:`DomainInteractions.to_tensors`)."""
+        data = DomainInteractions.from_store(
+            store, config.item_feature, tuple(config.user_side_columns), tuple(config.item_side_columns)
+        )
+        if config.item_graph:
+            data.build_item_graph(hops=config.graph_hops)
+        return data.to_tensors()
+
+    def __init__(self, schema: Schema, config: UniCDRConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         if schema.domain is None:
             raise ValueError("unicdr: the schema needs a domain column")
         d = config.embedding_dim
@@ -231,6 +182,7 @@ class UniCDR(Model):
         self.num_users = schema.vocab_size(schema.feature(config.user_feature).vocab)
         self.num_items = schema.vocab_size(schema.feature(config.item_feature).vocab)
         self.num_domains = schema.vocab_size(schema.feature(schema.domain).vocab) - 2  # without PAD and OOV
+        self._register_interactions()
         n_dom = self.num_domains
         sparse = config.sparse_embeddings
         self.specific_users = nn.Embedding(self.num_users * n_dom, d, sparse=sparse)  # U_d[u] at row u * D + d
@@ -244,55 +196,46 @@ class UniCDR(Model):
         )
         self.shared_aggregator = BehaviourAggregator(d, config.aggregator, config.lambda_a, width, config.dropout)
         self.critics = nn.ModuleList(nn.Bilinear(d, d, 1) for _ in range(n_dom))
-        self.side: nn.Embedding | None = None
         if config.multi_behaviour:
             self.behaviour_mixture = MixtureOfExperts(3 * d, config.num_experts, len(schema.labels), config.expert_hidden)
             self.behaviour_towers = nn.ModuleList(nn.Linear(self.behaviour_mixture.out_dim, 1) for _ in schema.labels)
-        self._bound = False
+        if config.side_features:  # E_f of every side feature, one table
+            sizes = self.side["user_side_sizes"].tolist() + self.side["item_side_sizes"].tolist()
+            self.side_table = nn.Embedding(sum(sizes), d, sparse=sparse)
+            nn.init.normal_(self.side_table.weight, std=config.init_std)
 
-    # --- data ---------------------------------------------------------------------------------
-    def bind(self, data: DomainInteractions) -> "UniCDR":
-        """Attach the train interactions (contexts, negatives, side features, item graph).
+    @property
+    def item_feature(self) -> str:
+        return self.config.item_feature
 
-        Call it before the optimiser is built: with ``side_features`` it adds the side table."""
-        config = self.config
-        if (data.num_users, data.num_items, data.num_domains) != (self.num_users, self.num_items, self.num_domains):
+    def _register_interactions(self) -> None:
+        """The train interactions of ``side`` as (non-persistent) buffers that follow the model's device."""
+        side, config = self.side, self.config
+        if not side:
+            raise ValueError("unicdr: needs the train interactions as side data (UniCDR.side_data(store, config))")
+        shape = (len(side["ptr"]) - 1, len(side["item_domain"]), len(side["domain_ptr"]) - 1)
+        if shape != (self.num_users * self.num_domains, self.num_items, self.num_domains):
             raise ValueError(
-                f"unicdr: interactions of {data.num_users} users, {data.num_items} items, {data.num_domains} domains "
-                f"do not match the schema's {self.num_users}, {self.num_items}, {self.num_domains}"
+                f"unicdr: interactions of {shape[0]} (user, domain) segments, {shape[1]} items, {shape[2]} domains do not "
+                f"match the schema's {self.num_users} x {self.num_domains}, {self.num_items}, {self.num_domains}"
             )
-        device = self.items.weight.device
-
-        def buffer(name: str, value: np.ndarray) -> None:
-            self.register_buffer(name, torch.as_tensor(value, device=device), persistent=False)
-
-        buffer("ptr", data.ptr)
-        buffer("context_items", data.items)
-        buffer("domain_of_code", data.domain_of_code)
-        buffer("domain_ptr", data.domain_ptr)
-        buffer("domain_items", data.domain_items)
-        segment_of_entry = np.repeat(np.arange(len(data.ptr) - 1), np.diff(data.ptr))
-        buffer("seen_keys", (segment_of_entry // data.num_domains) * data.num_items + data.items)  # sorted
+        for name in ("ptr", "domain_of_code", "domain_ptr", "domain_items"):
+            self.register_buffer(name, side[name], persistent=False)
+        self.register_buffer("context_items", side["items"], persistent=False)
+        segment_of_entry = torch.repeat_interleave(torch.arange(len(self.ptr) - 1), torch.diff(self.ptr))
+        seen_keys = (segment_of_entry // self.num_domains) * self.num_items + self.context_items  # sorted
+        self.register_buffer("seen_keys", seen_keys, persistent=False)
         if config.side_features:
-            if self.side is None:
-                sizes = data.user_side_sizes + data.item_side_sizes
-                self.side = nn.Embedding(sum(sizes), config.embedding_dim, sparse=config.sparse_embeddings)
-                nn.init.normal_(self.side.weight, std=config.init_std)
-            offsets = np.cumsum([0] + data.user_side_sizes + data.item_side_sizes)[:-1]
-            n_user = len(data.user_side_sizes)
-            buffer("user_side", data.user_side + offsets[:n_user])
-            buffer("item_side", data.item_side + offsets[n_user:])
+            sizes = torch.cat([side["user_side_sizes"], side["item_side_sizes"]])
+            offsets = torch.cumsum(sizes, 0) - sizes  # row of each feature's first value in the side table
+            n_user = len(side["user_side_sizes"])
+            self.register_buffer("user_side", side["user_side"] + offsets[:n_user], persistent=False)
+            self.register_buffer("item_side", side["item_side"] + offsets[n_user:], persistent=False)
         if config.item_graph:
-            if data.item_neighbours is None:
-                data.build_item_graph(hops=config.graph_hops)
-            buffer("item_neighbours", data.item_neighbours)
-            buffer("item_weights", data.item_weights)
-        self._bound = True
-        return self
-
-    def _check_bound(self) -> None:
-        if not self._bound:
-            raise RuntimeError("unicdr: call bind(DomainInteractions) with the train interactions first")
+            if "item_neighbours" not in side:
+                raise ValueError("unicdr: item_graph needs the item graph in the side data")
+            self.register_buffer("item_neighbours", side["item_neighbours"], persistent=False)
+            self.register_buffer("item_weights", side["item_weights"], persistent=False)
 
     # --- representations ----------------------------------------------------------------------
     def item_vectors(self, ids: Tensor) -> Tensor:
@@ -307,11 +250,11 @@ class UniCDR(Model):
         else:
             vectors = self.items(ids)
         if self.config.side_features:
-            vectors = vectors + self.side(self.item_side[ids]).sum(-2)  # e = ID + sum_f E_f(x_f)
+            vectors = vectors + self.side_table(self.item_side[ids]).sum(-2)  # e = ID + sum_f E_f(x_f)
         return vectors * (ids != 0).unsqueeze(-1)
 
     def _user_side(self, users: Tensor) -> Tensor | float:
-        return self.side(self.user_side[users]).sum(-2) if self.config.side_features else 0.0
+        return self.side_table(self.user_side[users]).sum(-2) if self.config.side_features else 0.0
 
     def _context(self, users: Tensor, domain: int, take_mask: Tensor, exclude: Tensor | None) -> Tensor:
         """Items of ``users`` in ``domain`` (rows where ``take_mask``), masked and sampled -> [B, W]."""
@@ -330,7 +273,6 @@ class UniCDR(Model):
 
     def user_parts(self, users: Tensor, domains: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """(u_d, u_s) of rows (user, domain position, target item) -> [B, D] each (None when unused)."""
-        self._check_bound()
         config = self.config
         keep_target = self.training and config.official_target_leak
         exclude = None if keep_target else targets
@@ -456,7 +398,7 @@ class UniCDR(Model):
         logits = [tower(mixed) for tower, mixed in zip(self.behaviour_towers, self.behaviour_mixture(flat))]
         return torch.cat(logits, -1).reshape(*x.shape[:-1], -1)
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         config = self.config
         pos, neg = outputs["pos"], outputs["neg"]
         rec = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
@@ -484,4 +426,4 @@ class UniCDR(Model):
             )  # sum_b BCE_b
             parts["behaviour"] = behaviour
             total = total + config.behaviour_weight * behaviour
-        return total, {name: float(value.detach()) for name, value in parts.items()}
+        return total, detached(parts)

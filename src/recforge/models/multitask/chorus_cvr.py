@@ -32,7 +32,7 @@ From the re-implementations [secondary] (equation numbers as they cite them), wi
   ``"propensity"`` is ``sg(pCTR)`` on clicked and ``1 - sg(pCTR)`` on unclicked ones (the two
   re-implementations disagree);
 - the backbone: embedding 16 per field, shared bottom ``[256, 128]`` (ReLU, dropout 0.1),
-  towers ``[64, 32]`` (:class:`~recforge.nn.funnel.SharedBottomTowers`).
+  towers ``[64, 32]`` (:class:`~recforge.models.multitask.funnel.SharedBottomTowers`).
 
 Serving: the unCVR head is training-only; ``predict`` gives pCTR, pCVR and pCTCVR = pCTR pCVR.
 """
@@ -40,6 +40,7 @@ Serving: the unCVR head is training-only; ``predict`` gives pCTR, pCVR and pCTCV
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,10 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import register
-from recforge.models.multitask.funnel import FunnelConfig, FunnelModel
-from recforge.nn.funnel import SharedBottomTowers, funnel_labels, inverse_propensity
+from recforge.models.base import detached, register
+from recforge.models.features import FeatureEmbedding
+from recforge.models.multitask.funnel import FunnelConfig, FunnelModel, SharedBottomTowers
+from recforge.nn.funnel import funnel_labels, inverse_propensity
 
 UNCVR = "uncvr"
 
@@ -61,19 +63,27 @@ class ChorusCVRConfig(FunnelConfig):
     tower: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.1
     align_weight: float = 1.0  # lambda_align of the SAM loss
-    sam_weight: str = "ipw"  # "ipw" or "propensity"
+    sam_weight: Literal["ipw", "propensity"] = "ipw"
     propensity_clip: float = 0.01
 
 
 @register("chorus_cvr")
 class ChorusCVR(FunnelModel):
     config_class = ChorusCVRConfig
+    paper = (
+        "Cheng et al., ChorusCVR: Chorus Supervision for Entire Space Post-Click Conversion Rate Modeling, "
+        "WSDM 2026, arXiv:2502.08277"
+    )
+    results_page = "docs/results/chorus_cvr.md"
 
-    def __init__(self, schema: Schema, config: ChorusCVRConfig) -> None:
-        super().__init__(schema, config)
-        if config.sam_weight not in ("ipw", "propensity"):
-            raise ValueError(f"chorus_cvr: sam_weight must be 'ipw' or 'propensity', got {config.sam_weight!r}")
+    def __init__(self, schema: Schema, config: ChorusCVRConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         self.network = SharedBottomTowers(schema, 3, config.embedding_dim, config.shared, config.tower, config.dropout)
+
+    @property
+    def embedding(self) -> FeatureEmbedding:
+        """The backbone's field embeddings."""
+        return self.network.embedding
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         logits = self.network(batch)  # [B, 3]
@@ -93,7 +103,7 @@ class ChorusCVR(FunnelModel):
         w = w + (1.0 - click) * inverse_propensity(1.0 - p_ctr, cfg.propensity_clip)
         return w / w.mean()  # mean 1 per batch
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         click = batch.labels[cfg.click_label]  # o: [B]
         labels = funnel_labels(click, batch.labels[cfg.conversion_label])
@@ -114,4 +124,4 @@ class ChorusCVR(FunnelModel):
             "align": (self.sam_weights(click, p_ctr) * align).mean(),  # Eq. 10
         }
         total = sum(v for k, v in parts.items() if k != "align") + cfg.align_weight * parts["align"]
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, detached(parts)

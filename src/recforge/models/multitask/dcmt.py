@@ -18,7 +18,7 @@ What follows the paper (from its abstract and the authors' published summary):
   stop-gradient;
 - ``w_cvr = w_ctcvr = 1``, ``lambda_cf = 0.1``;
 - the backbone: shared bottom ``[256, 128]`` and towers ``[64, 32]`` of
-  :class:`~recforge.nn.funnel.SharedBottomTowers` (the paper has wide and deep parts), the same
+  :class:`~recforge.models.multitask.funnel.SharedBottomTowers` (the paper has wide and deep parts), the same
   as ESCM2 and ChorusCVR here.
 
 Outputs: ``forward`` gives the CTR logit (click label), the factual CVR logit (conversion label)
@@ -35,9 +35,10 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import register
-from recforge.models.multitask.funnel import FunnelConfig, FunnelModel
-from recforge.nn.funnel import SharedBottomTowers, funnel_labels, inverse_propensity
+from recforge.models.base import detached, register
+from recforge.models.features import FeatureEmbedding
+from recforge.models.multitask.funnel import FunnelConfig, FunnelModel, SharedBottomTowers
+from recforge.nn.funnel import funnel_labels, inverse_propensity
 
 COUNTERFACTUAL = "counterfactual"
 
@@ -57,10 +58,20 @@ class DCMTConfig(FunnelConfig):
 @register("dcmt")
 class DCMT(FunnelModel):
     config_class = DCMTConfig
+    paper = (
+        "Zhu et al., DCMT: A Direct Entire-Space Causal Multi-Task Framework for Post-Click Conversion Estimation, "
+        "ICDE 2023"
+    )
+    results_page = "docs/results/chorus_cvr.md"
 
-    def __init__(self, schema: Schema, config: DCMTConfig) -> None:
-        super().__init__(schema, config)
+    def __init__(self, schema: Schema, config: DCMTConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         self.network = SharedBottomTowers(schema, 3, config.embedding_dim, config.shared, config.tower, config.dropout)
+
+    @property
+    def embedding(self) -> FeatureEmbedding:
+        """The backbone's field embeddings."""
+        return self.network.embedding
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         logits = self.network(batch)  # [B, 3]
@@ -70,7 +81,7 @@ class DCMT(FunnelModel):
             COUNTERFACTUAL: logits[:, 2],  # counterfactual r_hat* logit
         }
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         click = batch.labels[cfg.click_label]  # o: [B]
         conversion = funnel_labels(click, batch.labels[cfg.conversion_label])["ctcvr"]  # r: [B]
@@ -87,4 +98,4 @@ class DCMT(FunnelModel):
             "ctcvr": F.binary_cross_entropy(p_ctr * torch.sigmoid(factual), conversion),  # L_ctcvr
         }
         total = parts[cfg.click_label] + cfg.cvr_weight * parts["dcmt"] + cfg.ctcvr_weight * parts["ctcvr"]
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, detached(parts)

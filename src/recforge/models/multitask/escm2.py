@@ -24,7 +24,7 @@ What follows the paper / its official code (PaddleRec ``models/multitask/escm2``
   imputation risk trains ``r_tilde`` with ``e`` and ``pCVR`` held fixed. The propensity
   receives no gradient through the weights (the official code lets it; most re-implementations
   stop it);
-- the backbone: the shared-bottom network of :class:`~recforge.nn.funnel.SharedBottomTowers`
+- the backbone: the shared-bottom network of :class:`~recforge.models.multitask.funnel.SharedBottomTowers`
   (the official code uses MMoE), embedding 16, shared ``[256, 128]``, towers ``[64, 32]``,
   dropout 0.1: the same as ChorusCVR and DCMT here so that the comparison is about the losses.
 
@@ -35,6 +35,7 @@ for DR, ``imputation`` (logit of ``r_tilde``); ``predict`` gives pCTR, pCVR and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,10 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import register
-from recforge.models.multitask.funnel import FunnelConfig, FunnelModel
-from recforge.nn.funnel import SharedBottomTowers, funnel_labels, inverse_propensity
+from recforge.models.base import detached, register
+from recforge.models.features import FeatureEmbedding
+from recforge.models.multitask.funnel import FunnelConfig, FunnelModel, SharedBottomTowers
+from recforge.nn.funnel import funnel_labels, inverse_propensity
 
 IMPUTATION = "imputation"
 
@@ -55,7 +57,7 @@ class ESCM2Config(FunnelConfig):
     shared: list[int] = field(default_factory=lambda: [256, 128])
     tower: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.1
-    counterfactual: str = "dr"  # "ips" or "dr"
+    counterfactual: Literal["ips", "dr"] = "dr"
     counterfactual_weight: float = 0.5  # lambda_c
     global_weight: float = 0.5  # lambda_g, of the CTCVR risk
     propensity_clip: float = 1.0 / 15.0  # IPW weights are at most 15
@@ -64,15 +66,23 @@ class ESCM2Config(FunnelConfig):
 @register("escm2")
 class ESCM2(FunnelModel):
     config_class = ESCM2Config
+    paper = (
+        "Wang et al., ESCM2: Entire Space Counterfactual Multi-Task Model for Post-Click Conversion Rate Estimation, "
+        "SIGIR 2022, arXiv:2204.05125"
+    )
+    results_page = "docs/results/chorus_cvr.md"
 
-    def __init__(self, schema: Schema, config: ESCM2Config) -> None:
-        super().__init__(schema, config)
-        if config.counterfactual not in ("ips", "dr"):
-            raise ValueError(f"escm2: counterfactual must be 'ips' or 'dr', got {config.counterfactual!r}")
+    def __init__(self, schema: Schema, config: ESCM2Config, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         heads = 3 if config.counterfactual == "dr" else 2
         self.network = SharedBottomTowers(
             schema, heads, config.embedding_dim, config.shared, config.tower, config.dropout
         )
+
+    @property
+    def embedding(self) -> FeatureEmbedding:
+        """The backbone's field embeddings."""
+        return self.network.embedding
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         logits = self.network(batch)  # [B, heads]
@@ -81,7 +91,7 @@ class ESCM2(FunnelModel):
             out[IMPUTATION] = logits[:, 2]  # logit of the pseudo conversion label r_tilde: [B]
         return out
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         click = batch.labels[cfg.click_label]  # o: [B]
         labels = funnel_labels(click, batch.labels[cfg.conversion_label])
@@ -105,7 +115,7 @@ class ESCM2(FunnelModel):
             parts["imputation"] = (weight * (error.detach() - imputed_fixed) ** 2).mean()  # mean_D o w (e - e_hat)^2
             total = parts[cfg.click_label] + cfg.counterfactual_weight * (parts["dr"] + parts["imputation"])
         total = total + cfg.global_weight * parts["ctcvr"]
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, detached(parts)
 
 
 def _cross_entropy(target: Tensor, prob: Tensor, eps: float = 1e-7) -> Tensor:

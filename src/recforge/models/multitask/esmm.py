@@ -26,10 +26,10 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import register
+from recforge.models.base import detached, register
+from recforge.models.features import FeatureEmbedding
 from recforge.models.multitask.funnel import FunnelConfig, FunnelModel
-from recforge.nn.embedding import FeatureEmbedding
-from recforge.nn.mlp import MLP
+from recforge.nn.mlp import MLP, Activation
 
 
 @dataclass
@@ -37,15 +37,20 @@ class ESMMConfig(FunnelConfig):
     embedding_dim: int = 16
     hidden: list[int] = field(default_factory=lambda: [360, 200, 80])
     dropout: float = 0.0
-    activation: str = "relu"
+    activation: Activation = "relu"
 
 
 @register("esmm")
 class ESMM(FunnelModel):
     config_class = ESMMConfig
+    paper = (
+        "Ma et al., Entire Space Multi-Task Model: An Effective Approach for Estimating Post-Click Conversion Rate, "
+        "SIGIR 2018, arXiv:1804.07931"
+    )
+    results_page = "docs/results/baselines.md"
 
-    def __init__(self, schema: Schema, config: ESMMConfig) -> None:
-        super().__init__(schema, config)
+    def __init__(self, schema: Schema, config: ESMMConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         in_dim = self.embedding.flat_dim
         self.ctr = MLP(in_dim, config.hidden, config.dropout, config.activation, out_dim=1)
@@ -58,7 +63,7 @@ class ESMM(FunnelModel):
             self.config.conversion_label: self.cvr(x).squeeze(-1),  # logit of pCVR: [B]
         }
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         click = batch.labels[self.config.click_label]  # [B]
         ctcvr = click * batch.labels[self.config.conversion_label]  # y & z: [B]
         p_ctcvr = torch.sigmoid(outputs[self.config.click_label]) * torch.sigmoid(
@@ -68,4 +73,4 @@ class ESMM(FunnelModel):
             self.config.click_label: F.binary_cross_entropy_with_logits(outputs[self.config.click_label], click),
             "ctcvr": F.binary_cross_entropy(p_ctcvr, ctcvr),
         }
-        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+        return sum(parts.values()), detached(parts)

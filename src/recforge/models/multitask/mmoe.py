@@ -9,8 +9,8 @@ task trained on every row. Chosen defaults: 4 experts of ``[128]``, towers ``[64
 mean-pooled), and the numeric features.
 
 Outputs: one logit per label (``labels``, default all the schema's labels); ``predict`` gives the
-probability per label and, when both ``click_label`` and ``conversion_label`` are predicted,
-``ctcvr``. Funnel semantics: the conversion tower is trained on ALL exposures against the
+probability per label and, when both ``click_label`` and ``conversion_label`` are predicted (a
+funnel: ``funnel_labels()``), ``ctcvr``. Funnel semantics: the conversion tower is trained on ALL exposures against the
 conversion label, which is 0 on unclicked rows, so its probability already estimates
 ``p(click & conversion | x)`` = pCTCVR, not the post-click pCVR. Hence ``ctcvr`` is that
 probability itself, NOT ``p(click) * p(conversion)`` (which would count the click twice); the
@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
-from recforge.nn.embedding import FeatureEmbedding
+from recforge.models.base import ModelConfig, RankingModel, register
+from recforge.models.capabilities import Funnel
+from recforge.models.features import FeatureEmbedding
 from recforge.nn.experts import MixtureOfExperts
-from recforge.nn.mlp import MLP
+from recforge.nn.mlp import MLP, Activation
 
 
 @dataclass
@@ -39,17 +40,24 @@ class MMoEConfig(ModelConfig):
     expert_hidden: list[int] = field(default_factory=lambda: [128])
     tower_hidden: list[int] = field(default_factory=lambda: [64])
     dropout: float = 0.0
-    activation: str = "relu"
+    activation: Activation = "relu"
     click_label: str = "click"
     conversion_label: str = "conversion"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.click_label == self.conversion_label:
+            raise ValueError(f"click_label and conversion_label must differ, both are {self.click_label!r}")
+
 
 @register("mmoe")
-class MMoE(Model):
+class MMoE(RankingModel, Funnel):
     config_class = MMoEConfig
+    paper = "Ma et al., Modeling Task Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts, KDD 2018"
+    results_page = "docs/results/baselines.md"
 
-    def __init__(self, schema: Schema, config: MMoEConfig) -> None:
-        super().__init__(schema, config)
+    def __init__(self, schema: Schema, config: MMoEConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         self.labels = list(config.labels or schema.labels)
         unknown = [label for label in self.labels if label not in schema.labels]
         if unknown:
@@ -69,8 +77,12 @@ class MMoE(Model):
         mixed = self.moe(x)  # per task f^k(x): [B, H]
         return {label: tower(h).squeeze(-1) for label, tower, h in zip(self.labels, self.towers, mixed)}  # y_k: [B]
 
+    def funnel_labels(self) -> tuple[str, str] | None:
+        pair = (self.config.click_label, self.config.conversion_label)
+        return pair if set(pair) <= set(self.labels) else None
+
     def predict(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         probs = super().predict(outputs)
-        if self.config.click_label in probs and self.config.conversion_label in probs:
+        if self.funnel_labels() is not None:
             probs["ctcvr"] = probs[self.config.conversion_label]  # trained on all exposures: p(click & conversion)
         return probs

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
-from recforge.nn.embedding import FeatureEmbedding
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
 
 
 class InteractingLayer(nn.Module):
@@ -53,21 +53,21 @@ class InteractingLayer(nn.Module):
 
 
 @dataclass
-class AutoIntConfig(ModelConfig):
+class AutoIntConfig(SingleTaskConfig):
     embedding_dim: int = 16
     num_layers: int = 3
     heads: int = 2
     head_dim: int = 32
-    label: str | None = None  # the label to predict; None = the schema's first label
 
 
 @register("autoint")
-class AutoInt(Model):
+class AutoInt(SingleTaskModel):
     config_class = AutoIntConfig
+    paper = "Song et al., AutoInt: Automatic Feature Interaction Learning via Self-Attentive Neural Networks, CIKM 2019, arXiv:1810.11921"
+    results_page = "docs/results/gme_movielens1m.md"
 
-    def __init__(self, schema: Schema, config: AutoIntConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: AutoIntConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         d = config.embedding_dim
         self.embedding = FeatureEmbedding(schema, d)
         self.numeric_vectors = nn.Parameter(torch.randn(len(schema.numeric), d) * 1e-2)
@@ -80,4 +80,4 @@ class AutoInt(Model):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         e = self.embedding.field_vectors(batch, self.numeric_vectors)  # [B, M, D]
-        return {self.label: self.output(self.layers(e).flatten(1)).squeeze(-1)}  # eq. 10, as a logit
+        return {self.predicted_label: self.output(self.layers(e).flatten(1)).squeeze(-1)}  # eq. 10, as a logit

@@ -14,40 +14,42 @@ feature (genres, a history) is one field, the mean of its items' embeddings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
-from recforge.nn.embedding import FeatureEmbedding
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
 from recforge.nn.interaction import CrossNetV2
-from recforge.nn.mlp import MLP
+from recforge.nn.mlp import MLP, Activation
 
 
 @dataclass
-class DCNV2Config(ModelConfig):
+class DCNV2Config(SingleTaskConfig):
     embedding_dim: int = 16
-    structure: str = "stacked"  # "stacked" or "parallel"
+    structure: Literal["stacked", "parallel"] = "stacked"
     cross_layers: int = 3
     cross_rank: int | None = None  # None = full-rank W_l; r = low-rank U_l V_l^T
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     dropout: float = 0.0
-    activation: str = "relu"
+    activation: Activation = "relu"
     batch_norm: bool = False
-    label: str | None = None  # the label to predict; None = the schema's first label
 
 
 @register("dcnv2")
-class DCNV2(Model):
+class DCNV2(SingleTaskModel):
     config_class = DCNV2Config
+    paper = (
+        "Wang et al., DCN V2: Improved Deep & Cross Network and Practical Lessons for Web-scale Learning to Rank "
+        "Systems, WWW 2021, arXiv:2008.13535"
+    )
+    results_page = "docs/results/baselines.md"
 
-    def __init__(self, schema: Schema, config: DCNV2Config) -> None:
-        super().__init__(schema, config)
-        if config.structure not in ("stacked", "parallel"):
-            raise ValueError(f"dcnv2: structure must be 'stacked' or 'parallel', not {config.structure!r}")
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: DCNV2Config, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         d0 = self.embedding.flat_dim
         self.cross = CrossNetV2(d0, config.cross_layers, config.cross_rank)
@@ -61,4 +63,4 @@ class DCNV2(Model):
             h = self.deep(self.cross(x0))  # [B, H]
         else:
             h = torch.cat([self.cross(x0), self.deep(x0)], 1)  # [B, d0 + H]
-        return {self.label: self.head(h).squeeze(-1)}  # [B]
+        return {self.predicted_label: self.head(h).squeeze(-1)}  # [B]

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, register
+from recforge.models.base import SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
 from recforge.models.ranking.dnn import DNNConfig
 from recforge.models.ranking.lr import FirstOrder
-from recforge.nn.embedding import FeatureEmbedding
 from recforge.nn.interaction import FMInteraction
 from recforge.nn.mlp import MLP
 
@@ -34,12 +34,13 @@ class DeepFMConfig(DNNConfig):
 
 
 @register("deepfm")
-class DeepFM(Model):
+class DeepFM(SingleTaskModel):
     config_class = DeepFMConfig
+    paper = "Guo et al., DeepFM: A Factorization-Machine based Neural Network for CTR Prediction, IJCAI 2017, arXiv:1703.04247"
+    results_page = "docs/results/baselines.md"
 
-    def __init__(self, schema: Schema, config: DeepFMConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: DeepFMConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         d = config.embedding_dim
         self.linear = FirstOrder(schema)
         self.embedding = FeatureEmbedding(schema, d)
@@ -52,4 +53,4 @@ class DeepFM(Model):
         e = self.embedding.field_vectors(batch, self.numeric_vectors)  # [B, F + S + Fn, D]
         y_fm = self.linear(batch) + self.interaction(e)  # [B]
         y_dnn = self.deep(e.flatten(1)).squeeze(-1)  # [B]
-        return {self.label: y_fm + y_dnn}  # y = sigmoid(y_FM + y_DNN), as a logit
+        return {self.predicted_label: y_fm + y_dnn}  # y = sigmoid(y_FM + y_DNN), as a logit

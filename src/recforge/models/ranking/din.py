@@ -26,33 +26,33 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
 from recforge.nn.attention import TargetAttention
-from recforge.nn.embedding import FeatureEmbedding
-from recforge.nn.mlp import MLP
+from recforge.nn.mlp import MLP, Activation
 
 
 @dataclass
-class DINConfig(ModelConfig):
+class DINConfig(SingleTaskConfig):
     embedding_dim: int = 16
     history: str = "hist_item_id"  # the behaviour sequence attended over
     target: str = "item_id"  # the categorical feature it attends to (same vocabulary)
     attention_hidden: list[int] = field(default_factory=lambda: [80, 40])
-    attention_activation: str = "prelu"
+    attention_activation: Activation = "prelu"
     attention_softmax: bool = False  # the paper: no softmax, keep interest intensity
     hidden: list[int] = field(default_factory=lambda: [200, 80])
-    activation: str = "dice"
+    activation: Activation = "dice"
     dropout: float = 0.0
-    label: str | None = None  # the label to predict; None = the schema's first label
 
 
 @register("din")
-class DIN(Model):
+class DIN(SingleTaskModel):
     config_class = DINConfig
+    paper = "Zhou et al., Deep Interest Network for Click-Through Rate Prediction, KDD 2018, arXiv:1706.06978"
+    results_page = "docs/results/baselines.md"
 
-    def __init__(self, schema: Schema, config: DINConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: DINConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         history, target = schema.feature(config.history), schema.feature(config.target)
         if history.kind is not Kind.SEQUENCE or target.kind is not Kind.CATEGORICAL or history.vocab != target.vocab:
             raise ValueError(
@@ -77,4 +77,4 @@ class DIN(Model):
         interest = self.attention(history, target, mask)  # v_U(A) = sum_j a(e_j, v_A) e_j: [B, D]
         lists = self.embedding.pooled_sequences(batch)[:, self.other_sequences]  # [B, S - 1, D]
         x = torch.cat([fields.flatten(1), lists.flatten(1), interest, batch.numeric], 1)  # [B, in_dim]
-        return {self.label: self.mlp(x).squeeze(-1)}  # [B]
+        return {self.predicted_label: self.mlp(x).squeeze(-1)}  # [B]

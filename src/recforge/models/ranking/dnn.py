@@ -15,28 +15,28 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
-from recforge.nn.embedding import FeatureEmbedding
-from recforge.nn.mlp import MLP
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
+from recforge.nn.mlp import MLP, Activation
 
 
 @dataclass
-class DNNConfig(ModelConfig):
+class DNNConfig(SingleTaskConfig):
     embedding_dim: int = 16
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     dropout: float = 0.1
-    activation: str = "relu"
+    activation: Activation = "relu"
     batch_norm: bool = False
-    label: str | None = None  # the label to predict; None = the schema's first label
 
 
 @register("dnn")
-class DNN(Model):
+class DNN(SingleTaskModel):
     config_class = DNNConfig
+    paper = "Covington et al., Deep Neural Networks for YouTube Recommendations, RecSys 2016"
+    results_page = "docs/results/minet_movielens1m.md"
 
-    def __init__(self, schema: Schema, config: DNNConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: DNNConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         d = config.embedding_dim
         self.embedding = FeatureEmbedding(schema, d)
         in_dim = self.embedding.flat_dim
@@ -44,4 +44,4 @@ class DNN(Model):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         x = self.embedding.flat(batch)  # [B, in_dim]
-        return {self.label: self.deep(x).squeeze(-1)}
+        return {self.predicted_label: self.deep(x).squeeze(-1)}

@@ -20,25 +20,25 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
 from recforge.models.ranking.lr import FirstOrder
-from recforge.nn.embedding import FeatureEmbedding
 from recforge.nn.interaction import FMInteraction
 
 
 @dataclass
-class FMConfig(ModelConfig):
+class FMConfig(SingleTaskConfig):
     embedding_dim: int = 16  # k, the factor width
-    label: str | None = None  # the label to predict; None = the schema's first label
 
 
 @register("fm")
-class FM(Model):
+class FM(SingleTaskModel):
     config_class = FMConfig
+    paper = "Rendle, Factorization Machines, ICDM 2010"
+    results_page = "docs/results/baselines.md"
 
-    def __init__(self, schema: Schema, config: FMConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: FMConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         self.linear = FirstOrder(schema)
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         self.numeric_factors = nn.Parameter(torch.randn(len(schema.numeric), config.embedding_dim) * 1e-2)
@@ -46,4 +46,4 @@ class FM(Model):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         v = self.embedding.field_vectors(batch, self.numeric_factors)  # numeric rows x_i v_i: [B, F + S + Fn, D]
-        return {self.label: self.linear(batch) + self.interaction(v)}  # [B]
+        return {self.predicted_label: self.linear(batch) + self.interaction(v)}  # [B]

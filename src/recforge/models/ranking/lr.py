@@ -3,7 +3,7 @@
     p(y = 1 | x) = sigmoid(b + sum_i w_{field_i, id_i} + sum_s mean_{j in s} w_{s, j} + w_num . x_num)
 
 What is chosen here (no paper to follow): one scalar weight per id, stored as a 1-wide
-:class:`~recforge.nn.embedding.FeatureEmbedding` so the weights get sparse gradients like any
+:class:`~recforge.models.features.FeatureEmbedding` so the weights get sparse gradients like any
 embedding; a list feature (e.g. genres, a history) contributes the mean of its items' weights;
 numeric features enter through a linear layer whose bias is the global bias. ``embedding_dim`` of
 the config is unused (the weights are scalars).
@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, ModelConfig, register
-from recforge.nn.embedding import FeatureEmbedding
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
 
 
 class FirstOrder(nn.Module):
@@ -38,18 +38,23 @@ class FirstOrder(nn.Module):
 
 
 @dataclass
-class LRConfig(ModelConfig):
-    label: str | None = None  # the label to predict; None = the schema's first label
+class LRConfig(SingleTaskConfig):
+    """LR's only setting is the label it predicts."""
 
 
 @register("lr")
-class LogisticRegression(Model):
+class LogisticRegression(SingleTaskModel):
     config_class = LRConfig
+    results_page = "docs/results/baselines.md"
 
-    def __init__(self, schema: Schema, config: LRConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: LRConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         self.linear = FirstOrder(schema)
 
+    @property
+    def embedding(self) -> FeatureEmbedding:
+        """The id weights: a 1-wide table."""
+        return self.linear.weights
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return {self.label: self.linear(batch)}  # [B]
+        return {self.predicted_label: self.linear(batch)}  # [B]

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, register
+from recforge.models.base import SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
 from recforge.models.ranking.dnn import DNNConfig
-from recforge.nn.embedding import FeatureEmbedding
 from recforge.nn.mlp import MLP
 
 
@@ -47,12 +47,13 @@ class PNNConfig(DNNConfig):
 
 
 @register("pnn")
-class PNN(Model):
+class PNN(SingleTaskModel):
     config_class = PNNConfig
+    paper = "Qu et al., Product-based Neural Networks for User Response Prediction, ICDM 2016, arXiv:1611.00144"
+    results_page = "docs/results/gme_movielens1m.md"
 
-    def __init__(self, schema: Schema, config: PNNConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: PNNConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         d = config.embedding_dim
         self.embedding = FeatureEmbedding(schema, d)
         self.numeric_vectors = nn.Parameter(torch.randn(len(schema.numeric), d) * 1e-2)
@@ -64,4 +65,4 @@ class PNN(Model):
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         f = self.embedding.field_vectors(batch, self.numeric_vectors)  # [B, N, D]
         product_layer = torch.cat([f.flatten(1), self.products(f)], 1)  # [z, p], [B, N D + P]
-        return {self.label: self.deep(product_layer).squeeze(-1)}  # l_1 = relu(W [z, p] + b_1), ...
+        return {self.predicted_label: self.deep(product_layer).squeeze(-1)}  # l_1 = relu(W [z, p] + b_1), ...

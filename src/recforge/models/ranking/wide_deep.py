@@ -20,10 +20,10 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.models.base import Model, register
+from recforge.models.base import SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
 from recforge.models.ranking.dnn import DNNConfig
 from recforge.models.ranking.lr import FirstOrder
-from recforge.nn.embedding import FeatureEmbedding
 from recforge.nn.mlp import MLP
 
 
@@ -33,12 +33,13 @@ class WideDeepConfig(DNNConfig):
 
 
 @register("wide_deep")
-class WideDeep(Model):
+class WideDeep(SingleTaskModel):
     config_class = WideDeepConfig
+    paper = "Cheng et al., Wide & Deep Learning for Recommender Systems, DLRS @ RecSys 2016, arXiv:1606.07792"
+    results_page = "docs/results/gme_movielens1m.md"
 
-    def __init__(self, schema: Schema, config: WideDeepConfig) -> None:
-        super().__init__(schema, config)
-        self.label = self.label_to_predict(config.label)
+    def __init__(self, schema: Schema, config: WideDeepConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         d = config.embedding_dim
         self.wide = FirstOrder(schema)
         self.embedding = FeatureEmbedding(schema, d)
@@ -47,4 +48,4 @@ class WideDeep(Model):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         a = self.embedding.flat(batch)  # [B, in_dim]
-        return {self.label: self.wide(batch) + self.deep(a).squeeze(-1)}  # eq. 3, as a logit
+        return {self.predicted_label: self.wide(batch) + self.deep(a).squeeze(-1)}  # eq. 3, as a logit

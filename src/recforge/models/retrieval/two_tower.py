@@ -27,7 +27,6 @@ corrected, masked in-batch logits the loss uses; ``user_embedding(batch)`` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +34,10 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
-from recforge.models.base import Model, ModelConfig, register
-from recforge.nn.embedding import FeatureEmbedding
-from recforge.nn.mlp import MLP
+from recforge.models.base import Model, ModelConfig, detached, register
+from recforge.models.capabilities import Retriever
+from recforge.models.features import FeatureEmbedding
+from recforge.nn.mlp import MLP, Activation
 
 
 class FrequencyEstimator(nn.Module):
@@ -75,7 +75,7 @@ class TwoTowerConfig(ModelConfig):
     item_feature: str = "item_id"
     hidden: list[int] = field(default_factory=lambda: [128])
     out_dim: int = 64
-    activation: str = "relu"
+    activation: Activation = "relu"
     dropout: float = 0.0
     temperature: float = 0.05
     logq_correction: bool = True
@@ -83,12 +83,13 @@ class TwoTowerConfig(ModelConfig):
 
 
 @register("two_tower")
-class TwoTower(Model):
+class TwoTower(Model, Retriever):
     config_class = TwoTowerConfig
-    task: ClassVar[str] = "retrieval"
+    paper = "Yi et al., Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations, RecSys 2019"
+    results_page = "docs/results/baselines.md"
 
-    def __init__(self, schema: Schema, config: TwoTowerConfig) -> None:
-        super().__init__(schema, config)
+    def __init__(self, schema: Schema, config: TwoTowerConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
         d = config.embedding_dim
         user = [schema.feature(name) for name in config.user_features]
         bad = [f.name for f in user if f.kind not in (Kind.CATEGORICAL, Kind.NUMERIC)]
@@ -112,6 +113,10 @@ class TwoTower(Model):
         self.user_tower = MLP(user_in, config.hidden, config.dropout, config.activation, out_dim=config.out_dim)
         self.item_tower = MLP(d, config.hidden, config.dropout, config.activation, out_dim=config.out_dim)
         self.frequency = FrequencyEstimator(self.num_items, config.frequency_alpha)
+
+    @property
+    def item_feature(self) -> str:
+        return self.config.item_feature
 
     def user_embedding(self, batch: Batch) -> Tensor:
         parts = [self.embedding.fields(batch)[:, self.user_categorical].flatten(1)]  # [B, Fu * D]
@@ -145,7 +150,7 @@ class TwoTower(Model):
         duplicate = (items[:, None] == items[None, :]) & ~torch.eye(len(items), dtype=torch.bool, device=s.device)
         return s.masked_fill(duplicate, float("-inf"))
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.logits(outputs, batch)  # [B, B]
         loss = F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
-        return loss, {"softmax": float(loss.detach())}
+        return loss, detached({"softmax": loss})

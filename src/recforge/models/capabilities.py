@@ -1,0 +1,82 @@
+"""What a model can do, declared by the base classes it derives from (never probed with ``hasattr``).
+
+The trainer picks an evaluator from these, the study protocols pick what to run, serving picks
+what to export:
+
+- :class:`Ranker`: one probability per predicted label (``predict``): pointwise AUC, GAUC,
+  LogLoss.
+- :class:`Funnel`: a ranker that predicts a click, a post-click conversion and their product
+  ``ctcvr``: the conversion is scored on the clicked rows only, ``ctcvr`` on every row.
+- :class:`Retriever`: a user vector per row and a vector per item of the item vocabulary, scored
+  by the dot product: full-corpus or sampled ranking.
+- :class:`EmbeddingGenerator`: a module that writes initial ID embeddings of new items into a
+  ranker's table (cold start); it trains only under the ``cold_start`` protocol.
+- :class:`FederatedSplit`: which parameters are global (averaged by the server) and which stay
+  on the client.
+
+A model that cannot train by the plain ``recforge train`` loop names the protocol it needs in
+``required_protocol``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from recforge.data.batch import Batch
+
+
+class Ranker:
+    """Predicts one probability per label: ``predict(outputs) -> {label: [B]}``."""
+
+    def predict(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class Funnel(Ranker):
+    """A click -> conversion funnel: ``predict`` holds the click, the conversion and ``ctcvr``."""
+
+    def funnel_labels(self) -> tuple[str, str] | None:
+        """``(click label, conversion label)``, or None when this instance predicts no funnel."""
+        raise NotImplementedError
+
+
+class Retriever:
+    """Dot-product retrieval: ``user_embedding(batch) -> [B, D]``, ``item_embeddings() -> [I, D]``
+    (row i = id i of the vocabulary of ``item_feature``)."""
+
+    item_feature: str
+
+    def user_embedding(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def item_embeddings(self) -> Tensor:
+        raise NotImplementedError
+
+
+class EmbeddingGenerator:
+    """Generates initial ID embeddings: ``generate(items [n], table) -> [n, D]``."""
+
+    def generate(self, items: Tensor, table: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+
+class FederatedSplit:
+    """Names of the parameters the server aggregates; every other parameter stays on the client."""
+
+    def global_parameter_names(self) -> list[str]:
+        raise NotImplementedError
+
+
+class NeedsProtocol:
+    """A model that trains only under a study protocol (``recforge study`` with ``protocol: <name>``)."""
+
+    required_protocol: ClassVar[str]
+
+
+def capabilities(model_class: type) -> list[str]:
+    """The capability names a model class declares, in a fixed order."""
+    names = {"ranker": Ranker, "funnel": Funnel, "retriever": Retriever, "embedding generator": EmbeddingGenerator,
+             "federated split": FederatedSplit}  # fmt: skip
+    return [name for name, cls in names.items() if issubclass(model_class, cls)]

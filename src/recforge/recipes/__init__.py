@@ -1,1 +1,0 @@
-"""Multi-stage training and evaluation protocols built from the core pieces."""
