@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from recforge.data.prepare import prepare
 from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset
 from recforge.data.splits import SplitConfig, assign_splits, rank_within
 from recforge.models import build_model
-from recforge.models.coldstart.gme import (
-    GMEConfig,
-    GraphMetaEmbedding,
-    NeighbourAttention,
-    meta_loss,
-    top_neighbours,
-)
-from recforge.recipes.cold_start import build_item_graph, freeze, phase_rows, warm_up, write_generated
+from recforge.models.base import make_config
+from recforge.models.coldstart.gme import GraphMetaEmbedding, NeighbourAttention, meta_loss, top_neighbours, write_generated
 
 SHOT = 10
 N_OLD, N_NEW, OLD_ROWS, NEW_ROWS = 12, 6, 90, 50
@@ -80,8 +73,26 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def graph(store):
-    return build_item_graph(store, "item_id", ATTRIBUTES, num_neighbours=4)
+def side(store):
+    """The item graph of the generators (their side data)."""
+    return GraphMetaEmbedding.side_data(store, make_config("gme", generator_params()))
+
+
+def generator_params(**params) -> dict:
+    return {"attributes": ATTRIBUTES, "num_neighbours": 4, "embedding_dim": 8, **params}
+
+
+def make_generator(store, side, **params) -> GraphMetaEmbedding:
+    return build_model("gme", store.schema, generator_params(**params), side=side)
+
+
+def item_phases(view, shot: int, items: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The items of ``view`` and, per phase p, their rows ``p * shot`` to ``(p + 1) * shot - 1``
+    in time order, item after item (the first ``items`` items only, when given)."""
+    ids = view.column("item_id").astype(np.int64)
+    unique = np.unique(ids)[:items]
+    rows = [np.flatnonzero(ids == item) for item in unique]
+    return unique, [np.concatenate([r[p * shot : (p + 1) * shot] for r in rows]) for p in range(len(rows[0]) // shot)]
 
 
 def pretrained_dnn(store, steps: int = 150):
@@ -95,7 +106,7 @@ def pretrained_dnn(store, steps: int = 150):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    freeze(model)
+    model.eval().requires_grad_(False)  # frozen, as the protocol keeps it
     return model
 
 
@@ -128,6 +139,8 @@ def test_cold_start_split_rejects_rare_items_and_unordered_time():
 
 
 def test_new_items_get_ids_of_their_own_and_phases_follow_time(store):
+    from recforge.protocols.cold_start import phase_rows
+
     new_items, rows = phase_rows(store.split("valid"), "item_id", SHOT, 3)
     old_items, _ = phase_rows(store.split("train"), "item_id", SHOT, 4)
     assert len(new_items) == N_NEW and len(old_items) == N_OLD and (new_items > 1).all()
@@ -175,18 +188,57 @@ def test_attention_gives_padding_zero_weight_and_ignores_its_values():
     torch.testing.assert_close(out[1], torch.nn.functional.elu(attention.project(x[1, 0])))
 
 
-@pytest.mark.parametrize("variant", ["meta_emb", "gme_p", "gme_g", "gme_a"])
-def test_generator_shapes_range_and_padding(store, graph, variant):
+def test_side_data_holds_each_items_attributes_and_old_neighbours(store, side):
+    assert set(side) == {"categorical", "is_old", "neighbours", "lists.genres"}
+    schema, vocab = store.schema, store.schema.vocab_size("item_id")
+    assert side["categorical"].shape == (vocab, 1) and side["lists.genres"].shape == (vocab, 3)
+    assert side["neighbours"].shape == (vocab, 4)
+    old = np.unique(store.split("train").column("item_id"))
+    assert torch.equal(side["is_old"].nonzero().squeeze(1), torch.from_numpy(old.astype(np.int64)))
+    nb = side["neighbours"]
+    assert side["is_old"][nb[nb > 0]].all()  # neighbours are old items
+    for split in ("train", "valid"):  # every item's attributes are those of its rows
+        batch = store.split(split).take(np.arange(len(store.split(split))))
+        items = batch.categorical[:, schema.categorical_index("item_id")]
+        assert torch.equal(side["categorical"][items, 0], batch.categorical[:, schema.categorical_index("year")])
+        assert torch.equal(side["lists.genres"][items], batch.sequences["genres"])
+
+
+def test_generator_needs_its_side_data_and_a_table_of_its_width(store, side):
+    with pytest.raises(ValueError, match="needs side data computed from a store"):
+        build_model("gme", store.schema, generator_params())
+    with pytest.raises(ValueError, match=r"side data lacks \['lists.genres'\]"):
+        make_generator(store, {k: v for k, v in side.items() if k != "lists.genres"})
     model = pretrained_dnn(store, steps=1)
-    graph = copy.deepcopy(graph)
+    with pytest.raises(ValueError, match="a generator of width 4 for a table of width 8"):
+        make_generator(store, side, embedding_dim=4).generate(torch.tensor([2, 3]), model.embedding)
+
+
+@pytest.mark.parametrize("variant", ["meta_emb", "gme_p", "gme_g", "gme_a"])
+def test_generator_rebuilt_from_its_side_data_and_weights(store, side, variant, tmp_path):
+    model = pretrained_dnn(store, steps=1)
     torch.manual_seed(1)
-    generator = GraphMetaEmbedding(graph, "item_id", 8, GMEConfig(variant=variant, gamma=0.5))
-    items = torch.from_numpy(phase_rows(store.split("valid"), "item_id", SHOT, 3)[0])
-    r0 = generator(items, model.embedding)
+    generator = make_generator(store, side, variant=variant)
+    save_file(generator.state_dict(), tmp_path / "model.safetensors")
+    save_file(generator.side, tmp_path / "side.safetensors")
+    torch.manual_seed(2)
+    rebuilt = make_generator(store, load_file(tmp_path / "side.safetensors"), variant=variant)
+    rebuilt.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    items = torch.arange(2, store.schema.vocab_size("item_id"))
+    assert torch.equal(rebuilt.generate(items, model.embedding), generator.generate(items, model.embedding))
+
+
+@pytest.mark.parametrize("variant", ["meta_emb", "gme_p", "gme_g", "gme_a"])
+def test_generator_shapes_range_and_padding(store, side, variant):
+    model = pretrained_dnn(store, steps=1)
+    torch.manual_seed(1)
+    generator = make_generator(store, {k: v.clone() for k, v in side.items()}, variant=variant, gamma=0.5)
+    items = torch.from_numpy(item_phases(store.split("valid"), SHOT)[0])
+    r0 = generator.generate(items, model.embedding)
     assert r0.shape == (N_NEW, 8) and torch.isfinite(r0).all()
     if variant in ("meta_emb", "gme_a"):
         assert r0.abs().max() <= 0.5  # gamma tanh(.)
-    graph.neighbours[items, -2:] = 0  # the last two neighbours become padding
+    generator.graph.neighbours[items, -2:] = 0  # the last two neighbours become padding
     before = generator(items, model.embedding)
     if variant != "meta_emb":
         assert not torch.equal(before, r0)  # real neighbours do count
@@ -217,13 +269,13 @@ def test_feature_embedding_replacement_swaps_one_field_and_passes_gradients(stor
 
 
 @pytest.mark.parametrize("variant", ["meta_emb", "gme_a"])
-def test_meta_steps_decrease_cold_and_warm_loss(store, graph, variant):
+def test_meta_steps_decrease_cold_and_warm_loss(store, side, variant):
     model = pretrained_dnn(store)
-    old_items, rows = phase_rows(store.split("train"), "item_id", SHOT, 4)
     view = store.split("train")
-    batch_a, batch_b = view.take(rows[0, :4].reshape(-1)), view.take(rows[1, :4].reshape(-1))
+    _, rows = item_phases(view, SHOT, items=4)
+    batch_a, batch_b = view.take(rows[0]), view.take(rows[1])
     torch.manual_seed(0)
-    generator = GraphMetaEmbedding(graph, "item_id", 8, GMEConfig(variant=variant, inner_lr=0.1))
+    generator = make_generator(store, side, variant=variant, inner_lr=0.1)
     optimizer = torch.optim.Adam(generator.parameters(), lr=5e-3)
     backbone = {name: value.clone() for name, value in model.state_dict().items()}
     _, first = meta_loss(generator, model, batch_a, batch_b)
@@ -233,21 +285,22 @@ def test_meta_steps_decrease_cold_and_warm_loss(store, graph, variant):
         loss.backward()
         optimizer.step()
     _, last = meta_loss(generator, model, batch_a, batch_b)
+    assert set(last) == {"cold", "warm"} and not any(part.requires_grad for part in last.values())
     assert last["cold"] < first["cold"] - 1e-3 and last["warm"] < first["warm"] - 1e-3, (first, last)
     assert all(torch.equal(backbone[k], v) for k, v in model.state_dict().items())  # the backbone stays frozen
 
 
-def test_inner_step_per_item_and_per_row(store, graph):
+def test_inner_step_per_item_and_per_row(store, side):
     """The warm loss uses r_0 minus eta times the cold-loss gradient: per item (of the mean loss
     of its rows) by default; per row (of the batch-mean loss, rows aligned) as the official code."""
     model = pretrained_dnn(store, steps=30)
-    _, rows = phase_rows(store.split("train"), "item_id", SHOT, 4)
     view = store.split("train")
-    a, b = view.take(rows[0, :2].reshape(-1)), view.take(rows[1, :2].reshape(-1))
+    _, rows = item_phases(view, SHOT, items=2)
+    a, b = view.take(rows[0]), view.take(rows[1])
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     torch.manual_seed(0)
-    per_item = GraphMetaEmbedding(graph, "item_id", 8, GMEConfig(variant="meta_emb", inner_lr=3.0))
-    per_row = GraphMetaEmbedding(graph, "item_id", 8, GMEConfig(variant="meta_emb", inner_lr=3.0, inner_grad="per_row"))
+    per_item = make_generator(store, side, variant="meta_emb", inner_lr=3.0)
+    per_row = make_generator(store, side, variant="meta_emb", inner_lr=3.0, inner_grad="per_row")
     per_row.load_state_dict(per_item.state_dict())
     items = a.categorical[:, store.schema.categorical_index("item_id")]
     unique, index = torch.unique(items, return_inverse=True)
@@ -264,19 +317,35 @@ def test_inner_step_per_item_and_per_row(store, graph):
     (grad_rows,) = torch.autograd.grad(cold, rows_a)
     with torch.no_grad(), model.embedding.replaced("item_id", rows_a - 3.0 * grad_rows):
         warm_row = float(bce(model(b)["click"], b.labels["click"]))
-    _, item_parts = meta_loss(per_item, model, a, b)
-    _, row_parts = meta_loss(per_row, model, a, b)
+    item_parts = {k: float(v) for k, v in meta_loss(per_item, model, a, b)[1].items()}
+    row_parts = {k: float(v) for k, v in meta_loss(per_row, model, a, b)[1].items()}
     assert item_parts["cold"] == pytest.approx(float(cold.detach()), rel=1e-6) == row_parts["cold"]
     assert item_parts["warm"] == pytest.approx(warm_item, rel=1e-6)
     assert row_parts["warm"] == pytest.approx(warm_row, rel=1e-6)
     assert abs(warm_item - warm_row) > 1e-6
 
 
-def test_warm_up_changes_only_the_new_items_rows(store, graph):
+def test_write_generated_fills_only_the_items_rows(store, side):
+    model = pretrained_dnn(store, steps=1)
+    new_items, _ = item_phases(store.split("valid"), SHOT)
+    generator = make_generator(store, side)
+    before = model.embedding.table.weight.detach().clone()
+    write_generated(model, generator, new_items)
+    rows = torch.from_numpy(new_items) + model.embedding.vocab_offset["item_id"]
+    after = model.embedding.table.weight
+    torch.testing.assert_close(after[rows], generator.generate(torch.from_numpy(new_items), model.embedding))
+    other = torch.ones(len(before), dtype=torch.bool)
+    other[rows] = False
+    assert torch.equal(after[other], before[other])
+
+
+def test_warm_up_changes_only_the_new_items_rows(store, side):
+    from recforge.protocols.cold_start import phase_rows, warm_up
+
     model = pretrained_dnn(store)
     new_items, rows = phase_rows(store.split("valid"), "item_id", SHOT, 3)
     torch.manual_seed(0)
-    generator = GraphMetaEmbedding(graph, "item_id", 8, GMEConfig(variant="gme_a"))
+    generator = make_generator(store, side, variant="gme_a")
     write_generated(model, generator, new_items)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     warm_up(model, "item_id", new_items, store.split("valid"), rows[0].reshape(-1), lr=1e-2, batch_size=16, seed=0)
@@ -293,6 +362,8 @@ def test_warm_up_changes_only_the_new_items_rows(store, graph):
 
 
 def test_warm_up_lowers_the_new_items_loss(store):
+    from recforge.protocols.cold_start import phase_rows, warm_up
+
     model = pretrained_dnn(store)
     new_items, rows = phase_rows(store.split("valid"), "item_id", SHOT, 3)
     view = store.split("valid")
@@ -311,63 +382,8 @@ def test_warm_up_lowers_the_new_items_loss(store):
 # --- the command ---------------------------------------------------------------------------------
 
 
-def test_cold_start_command_writes_the_table_and_plot(tmp_path):
-    import json
-
-    import yaml
-    from typer.testing import CliRunner
-
-    from recforge.cli import app
-
-    raw = tiny_raw(2)
-    raw.frame.write_parquet(tmp_path / "log.parquet")
-    raw.schema.save(tmp_path / "schema.json")
-    config = {
-        "name": "tiny_cold_start",
-        "data": {
-            "source": "file",
-            "options": {"path": str(tmp_path / "log.parquet"), "schema": str(tmp_path / "schema.json")},
-            "split": {"kind": "cold_start", "fit_on": ["train", "valid"], "old_min_count": 80, "new_min_count": 40, "warm_rows": 30},
-            "store": str(tmp_path / "store"),
-        },
-        "attributes": ATTRIBUTES,
-        "backbones": {"dnn": {"embedding_dim": 8, "hidden": [16], "dropout": 0.0}},
-        "seeds": [0, 1],
-        "shot": SHOT,
-        "num_neighbours": 4,
-        "train": {"epochs": 1, "batch_size": 64, "num_threads": 1, "checkpoint_every_steps": 0},
-        "report": str(tmp_path / "report.md"),
-        "runs": str(tmp_path / "runs"),
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(app, ["cold-start", str(tmp_path / "config.yaml")])
-    assert result.exit_code == 0, result.output
-    records = json.loads((tmp_path / "report.json").read_text())
-    assert len(records) == 2 * 5 * 4  # seeds x methods x phases
-    assert all(0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0 for r in records)
-    table = (tmp_path / "report.md").read_text()
-    for name in ("random init", "MetaEmb", "GME-P", "GME-G", "GME-A", "warm-c AUC"):
-        assert name in table
-    assert " ± " in table and (tmp_path / "report.png").stat().st_size > 0
-    # a second call keeps the finished runs and trains nothing
-    mtime = (tmp_path / "report.json").stat().st_mtime_ns
-    assert CliRunner().invoke(app, ["cold-start", str(tmp_path / "config.yaml")]).exit_code == 0
-    assert (tmp_path / "report.json").stat().st_mtime_ns == mtime
-    (tmp_path / "report.md").unlink()
-    assert CliRunner().invoke(app, ["cold-start", str(tmp_path / "config.yaml"), "--report-only"]).exit_code == 0
-    assert (tmp_path / "report.md").read_text() == table
 
 
-def test_cold_start_config_rejects_a_split_without_new_item_ids(tmp_path):
-    from recforge.config import ConfigError
-    from recforge.recipes.cold_start import load_cold_start_config
-
-    path = tmp_path / "c.yaml"
-    path.write_text(
-        "name: x\ndata: {source: synthetic, split: {kind: cold_start}}\nattributes: [year]\nbackbones: {dnn: {}}\n"
-    )
-    with pytest.raises(ConfigError, match="fit_on"):
-        load_cold_start_config(path)
 
 
 def test_extras_parsing_drops_roles_and_na(tmp_path):
@@ -394,6 +410,7 @@ def test_extras_parsing_drops_roles_and_na(tmp_path):
 
 def test_movielens_cold_start_protocol_data(real_data, tmp_path):
     from recforge.data.sources import load_source
+    from recforge.protocols.cold_start import phase_rows
 
     root = real_data("movielens-1m")
     extras = real_data("movielens-1m-melu-extrainfos")
@@ -406,12 +423,14 @@ def test_movielens_cold_start_protocol_data(real_data, tmp_path):
     new_items, _ = phase_rows(store.split("valid"), "item_id", 20, 3)
     assert len(old_items) == int((counts["len"] >= 300).sum()) and len(new_items) == int((counts["len"] < 300).sum())
     assert len(store.split("valid")) == 60 * len(new_items)
-    graph = build_item_graph(store, "item_id", ["year", "title_words", "genres", "director", "actors"], 10)
-    assert graph.is_old[torch.from_numpy(old_items)].all() and not graph.is_old[torch.from_numpy(new_items)].any()
-    nb = graph.neighbours[torch.from_numpy(new_items)]  # [n_new, 10]
-    assert graph.is_old[nb[nb > 0]].all() and (nb > 0).float().mean() > 0.99
+    config = make_config("gme", {"attributes": ["year", "title_words", "genres", "director", "actors"], "num_neighbours": 10})
+    graph = GraphMetaEmbedding.side_data(store, config)
+    is_old = graph["is_old"]
+    assert is_old[torch.from_numpy(old_items)].all() and not is_old[torch.from_numpy(new_items)].any()
+    nb = graph["neighbours"][torch.from_numpy(new_items)]  # [n_new, 10]
+    assert is_old[nb[nb > 0]].all() and (nb > 0).float().mean() > 0.99
     # "Toy Story 2" (ML id 3114) is a new item; "Toy Story" (id 1) an old one sharing title
     # words, genres and actors: it must be among its neighbours
     vocab = store.vocabulary("item_id")
     index = dict(zip(vocab["value"].to_list(), vocab["index"].to_list()))
-    assert index["1"] in graph.neighbours[index["3114"]].tolist()
+    assert index["1"] in graph["neighbours"][index["3114"]].tolist()

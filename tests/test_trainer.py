@@ -24,11 +24,12 @@ from recforge.data.prepare import prepare
 from recforge.data.sources.synthetic import generate
 from recforge.data.store import Store
 from recforge.models import Model, build_model
-from recforge.nn.embedding import FeatureEmbedding
+from recforge.models.features import FeatureEmbedding
 from recforge.train import trainer as trainer_module
 from recforge.train.checkpoint import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, find_checkpoint, save_checkpoint
 from recforge.train.optim import Optimizers, RowWiseAdagrad, split_parameters
-from recforge.train.trainer import Trainer, TrainConfig, seed_everything, seen_items
+from recforge.evaluate.evaluators import seen_items
+from recforge.train.trainer import Trainer, TrainConfig, seed_everything
 
 STEPS_PER_EPOCH = 38  # 4800 train rows / 128
 
@@ -205,9 +206,9 @@ def test_sparse_optimizer_touches_only_used_rows():
     table = nn.Embedding(1000, 4, sparse=True)
     head = nn.Linear(4, 1)
     model = nn.ModuleDict({"table": table, "head": head})
-    dense, sparse = split_parameters(model)
+    dense, sparse = split_parameters(model, [table.weight])
     assert [id(p) for p in sparse] == [id(table.weight)] and len(dense) == 2
-    optimizers = Optimizers(model, clip_norm=1.0)
+    optimizers = Optimizers(model, [table.weight], clip_norm=1.0)
     assert isinstance(optimizers.sparse, RowWiseAdagrad)
 
     before = table.weight.detach().clone()
@@ -233,7 +234,7 @@ def test_small_tables_take_dense_gradients_with_the_same_update(store):
     large.table.sparse = True  # what a table over DENSE_GRADIENT_MAX_ELEMENTS weights gets
     batches = list(store.split("train").batches(64, shuffle=True, seed=0))[:3]
     for module in (small, large):
-        optimizers = Optimizers(module, sparse_lr=0.1)
+        optimizers = Optimizers(module, [module.table.weight], sparse_lr=0.1)
         assert isinstance(optimizers.sparse, RowWiseAdagrad) and optimizers.dense is None
         for batch in batches:
             optimizers.zero_grad()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from recforge.data.cross_domain import DomainInteractions
 from recforge.data.prepare import prepare
@@ -17,11 +17,9 @@ from recforge.data.sources import RawDataset, load_source
 from recforge.data.sources import amazon_crossdomain
 from recforge.data.splits import SplitConfig, assign_splits
 from recforge.models import build_model
-from recforge.models.crossdomain.unicdr import BehaviourAggregator, segment_sample
-from recforge.recipes import cross_domain
-from recforge.recipes.cross_domain import CrossDomainTrainer, SingleDomain, TableConfig, VariantSpec, run_table
+from recforge.models.crossdomain.unicdr import BehaviourAggregator
 from recforge.train.optim import Optimizers
-from recforge.train.trainer import TrainConfig
+from recforge.train.trainer import TrainConfig, Trainer
 
 
 # --- tiny generated data ----------------------------------------------------------------------
@@ -172,23 +170,6 @@ def test_interactions_index_needs_domain_specific_items(tmp_path):
 
 
 # --- model parts ------------------------------------------------------------------------------
-def test_segment_sample_first_and_shuffled():
-    ptr = torch.tensor([0, 3, 3, 7])
-    values = torch.tensor([5, 6, 7, 10, 11, 12, 13])
-    out = segment_sample(ptr, values, torch.tensor([0, 1, 2]), torch.tensor([2, 4, 9]), 4, shuffle=False)
-    assert out.tolist() == [[5, 6, 0, 0], [0, 0, 0, 0], [10, 11, 12, 13]]
-    torch.manual_seed(0)
-    draws = segment_sample(ptr, values, torch.tensor([2] * 200), torch.tensor([2] * 200), 3, shuffle=True)
-    assert (draws[:, 2] == 0).all() and (draws[:, 0] != draws[:, 1]).all()
-    assert set(draws[:, :2].flatten().tolist()) == {10, 11, 12, 13}  # uniform over the segment
-    # a segment longer than 4 x width: distinct entries, uniform over all of it
-    ptr, values = torch.tensor([0, 100]), torch.arange(1, 101)
-    draws = segment_sample(ptr, values, torch.zeros(3000, dtype=torch.long), torch.full((3000,), 5), 5, shuffle=True)
-    assert all(len(set(row)) == 5 for row in draws.tolist())
-    counts = torch.bincount(draws.flatten(), minlength=101)[1:].float()
-    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
-
-
 @pytest.mark.parametrize("kind", ["mean", "user_attention", "self_attention"])
 def test_aggregator_ignores_padding(kind):
     torch.manual_seed(0)
@@ -226,7 +207,7 @@ def _parts(seen, num_domains=2):
 
 
 def test_interaction_and_domain_masking(store, data, monkeypatch):
-    model = build_model("unicdr", store.schema, small(max_context=3)).bind(data).train()
+    model = build_model("unicdr", store.schema, small(max_context=3), store=store).train()
     seen = _spy_contexts(model, monkeypatch)
     batch = store.split("train").take(np.arange(64))
     users, domains, targets = model._rows(batch)
@@ -257,7 +238,7 @@ def test_interaction_and_domain_masking(store, data, monkeypatch):
 def test_target_never_in_its_own_context(store, data, monkeypatch):
     """The official code's leak (the target stays in its training context) is fixed; at
     evaluation the target is masked even if the user also has it among train items."""
-    model = build_model("unicdr", store.schema, small(max_context=50, mask_rate=0.0)).bind(data).train()
+    model = build_model("unicdr", store.schema, small(max_context=50, mask_rate=0.0), store=store).train()
     seen = _spy_contexts(model, monkeypatch)
     batch = store.split("train").take(np.arange(len(store.split("train"))))
     users, domains, targets = model._rows(batch)
@@ -295,7 +276,7 @@ def test_target_never_in_its_own_context(store, data, monkeypatch):
 
 
 def test_eval_rows_never_see_their_target(store, data, monkeypatch):
-    model = build_model("unicdr", store.schema, small()).bind(data).eval()
+    model = build_model("unicdr", store.schema, small(), store=store).eval()
     seen = _spy_contexts(model, monkeypatch)
     for split in ("valid", "test"):
         view = store.split(split)
@@ -307,7 +288,7 @@ def test_eval_rows_never_see_their_target(store, data, monkeypatch):
 
 
 def test_critic_negative_is_another_row_of_the_same_domain(store, data):
-    model = build_model("unicdr", store.schema, small()).bind(data)
+    model = build_model("unicdr", store.schema, small(), store=store)
     domains = torch.tensor([0, 1, 0, 0, 1, 1, 1])
     specific = torch.arange(7, dtype=torch.float).unsqueeze(1).repeat(1, 16)
     shared = torch.ones(7, 16)
@@ -324,7 +305,7 @@ def test_critic_negative_is_another_row_of_the_same_domain(store, data):
 
 
 def test_soft_targets_hand_computed(store, data):
-    model = build_model("unicdr", store.schema, small(soft_contrastive=True, soft_eps=0.1)).bind(data)
+    model = build_model("unicdr", store.schema, small(soft_contrastive=True, soft_eps=0.1), store=store)
     users = torch.tensor([2, 3])
     q = model._soft_targets(users)
     counts = data.counts()
@@ -337,23 +318,23 @@ def test_soft_targets_hand_computed(store, data):
 
 
 def test_loss_is_the_weighted_sum_of_its_parts(store, data):
-    model = build_model("unicdr", store.schema, small(lambda_loss=0.4)).bind(data).train()
+    model = build_model("unicdr", store.schema, small(lambda_loss=0.4), store=store).train()
     batch = store.split("train").take(np.arange(32))
     torch.manual_seed(0)
     out = model(batch)
     total, parts = model.loss(out, batch)
-    assert set(parts) == {"rec", "critic"}
-    assert total.item() == pytest.approx(0.4 * parts["rec"] + 0.6 * parts["critic"], rel=1e-5)
+    assert set(parts) == {"rec", "critic"} and not any(part.requires_grad for part in parts.values())
+    assert total.item() == pytest.approx(0.4 * float(parts["rec"]) + 0.6 * float(parts["critic"]), rel=1e-5)
     rec = torch.nn.functional.binary_cross_entropy_with_logits
     expected = rec(out["pos"], torch.ones(32)) + rec(out["neg"], torch.zeros_like(out["neg"]))
-    assert parts["rec"] == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(parts["rec"]) == pytest.approx(float(expected.detach()), rel=1e-5)
     negatives = model.sample_negatives(*model._rows(batch)[:2])
     users, domains, _ = model._rows(batch)
     assert (torch.from_numpy(data.item_domain)[negatives] == domains[:, None]).all()
 
 
 def _train_steps(model, store, steps=40, lr=3e-3, sparse_lr=0.1):
-    optimizers = Optimizers(model, lr=lr, sparse_lr=sparse_lr, clip_norm=10.0)
+    optimizers = Optimizers(model, model.sparse_parameters(), lr=lr, sparse_lr=sparse_lr, clip_norm=10.0)
     view = store.split("train")
     losses = []
     for step in range(steps):
@@ -379,9 +360,9 @@ EXTENSIONS = {
 @pytest.mark.parametrize("name", list(EXTENSIONS))
 def test_each_extension_changes_the_model_and_trains(store, data, name):
     torch.manual_seed(0)
-    base = build_model("unicdr", store.schema, small()).bind(DomainInteractions.from_store(store))
+    base = build_model("unicdr", store.schema, small(), store=store)
     torch.manual_seed(0)
-    model = build_model("unicdr", store.schema, small(**EXTENSIONS[name])).bind(data)
+    model = build_model("unicdr", store.schema, small(**EXTENSIONS[name]), store=store)
     batch = store.split("train").take(np.arange(64))
     base_names = {n for n, _ in base.named_parameters()}
     names = {n for n, _ in model.named_parameters()}
@@ -401,6 +382,42 @@ def test_each_extension_changes_the_model_and_trains(store, data, name):
     losses = _train_steps(model, store)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
+
+
+def test_interactions_round_trip_through_tensors(data):
+    data.build_item_graph()
+    tensors = data.to_tensors()
+    assert tensors["ptr"].dtype == tensors["user_side_sizes"].dtype == torch.int64 and tensors["item_weights"].dtype == torch.float32
+    back = DomainInteractions.from_tensors(tensors, data.domain_names)
+    for name, value in vars(data).items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(getattr(back, name), value) and getattr(back, name).dtype == value.dtype, name
+        else:
+            assert getattr(back, name) == value, name
+    with pytest.raises(ValueError, match="1 domain names for an index of 2 domains"):
+        DomainInteractions.from_tensors(tensors, ["a"])
+
+
+def test_rebuilt_from_its_side_data_and_weights(store, tmp_path):
+    """What a bundle keeps (the config, the state dict and the side tensors) rebuilds the model."""
+    params = small(side_features=True, item_graph=True, aggregator="self_attention", multi_behaviour=True, item_side_columns=["domain"])
+    torch.manual_seed(0)
+    model = build_model("unicdr", store.schema, params, store=store)
+    assert {"ptr", "items", "item_neighbours", "item_weights", "user_side_sizes"} <= set(model.side)
+    assert model.side["item_side"].shape[1] == 2  # the popularity bucket and the named column
+    _train_steps(model, store, steps=3)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    save_file(model.side, tmp_path / "side.safetensors")
+    torch.manual_seed(1)  # other initial weights, all overwritten
+    rebuilt = build_model("unicdr", store.schema, params, side=load_file(tmp_path / "side.safetensors"))
+    rebuilt.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    batch = store.split("test").take(np.arange(len(store.split("test"))))
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(model.user_embedding(batch), rebuilt.user_embedding(batch))
+        assert torch.equal(model.item_embeddings(), rebuilt.item_embeddings())
+    with pytest.raises(ValueError, match="needs side data computed from a store"):
+        build_model("unicdr", store.schema, params)
 
 
 def test_item_graph_rows_are_the_mean_of_powers(data):
@@ -424,7 +441,7 @@ def test_item_graph_rows_are_the_mean_of_powers(data):
 
 # --- recipe -----------------------------------------------------------------------------------
 def test_sampled_candidates_are_unseen_items_of_the_domain(store, data):
-    from recforge.recipes.cross_domain import sample_candidates
+    from recforge.evaluate.evaluators import sample_candidates
 
     view = store.split("test")
     for negatives in (5, 1000):  # 1000: more than a domain holds, the small-pool path
@@ -447,72 +464,25 @@ def test_sampled_candidates_are_unseen_items_of_the_domain(store, data):
 
 
 def test_unicdr_beats_popularity_and_single_domain_two_tower_trains(store, data, tmp_path):
+    from recforge.evaluate.evaluators import SampledRanking
+    from recforge.protocols.cross_domain import SingleDomain
+
     config = TrainConfig(epochs=6, batch_size=64, lr=3e-3, sparse_lr=0.1, patience=None, quiet=True, checkpoint_every_steps=0, monitor="valid_ndcg@10")
     torch.manual_seed(0)
-    model = build_model("unicdr", store.schema, small(embedding_dim=16)).bind(data)
-    metrics = CrossDomainTrainer(model, store, config, tmp_path / "u", data, eval_negatives=15).fit()
+    model = build_model("unicdr", store.schema, small(embedding_dim=16), store=store)
+    metrics = Trainer(model, store, config, tmp_path / "u", SampledRanking(data, negatives=15)).fit()
     assert metrics["test_ndcg@10"] > metrics["test_popular_ndcg@10"] + 0.1
     assert metrics["test_a_rows"] + metrics["test_b_rows"] + metrics["test_skipped_unseen_targets"] == len(store.split("test"))
     torch.manual_seed(0)
     tower = SingleDomain(build_model("two_tower", store.schema, {"history": "hist_item_id"}), data, 0)
-    result = CrossDomainTrainer(tower, store, config, tmp_path / "t", data, eval_negatives=15).fit()
+    result = Trainer(tower, store, config, tmp_path / "t", SampledRanking(data, negatives=15)).fit()
     assert np.isfinite(result["test_a_ndcg@10"])
-
-
-def test_single_domain_variant_takes_its_domain_params(store, data, tmp_path, monkeypatch):
-    built = []
-
-    def recording_build(name, schema, params):
-        built.append(dict(params))
-        return build_model(name, schema, params)
-
-    monkeypatch.setattr(cross_domain, "build_model", recording_build)
-    table = TableConfig(name="t", title="t", report=str(tmp_path / "r.md"), datasets=[], variants=[], eval_negatives=10,
-                        train={"epochs": 1, "batch_size": 64, "monitor": "valid_ndcg@10", "quiet": True})  # fmt: skip
-    variant = VariantSpec(label="tower", model="two_tower", single_domain=True, params={"history": "hist_item_id", "embedding_dim": 8},
-                          domain_params={"b": {"embedding_dim": 4}})  # fmt: skip
-    metrics = cross_domain.run_variant(store, data, variant, table, 0, tmp_path / "run", {})
-    assert [p["embedding_dim"] for p in built] == [8, 4] and all(p["history"] == "hist_item_id" for p in built)
-    assert np.isfinite(metrics["test_a_ndcg@10"]) and np.isfinite(metrics["test_b_ndcg@10"])
-    with pytest.raises(ValueError, match="unknown domains"):
-        cross_domain.run_variant(store, data, variant.model_copy(update={"domain_params": {"c": {}}}), table, 0, tmp_path / "x", {})
-    with pytest.raises(ValueError, match="single_domain"):
-        VariantSpec(label="u", model="unicdr", domain_params={"a": {}})
-
-
-def test_run_table_writes_report_and_reuses_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cross_domain_frame(n_users=40).write_csv(tmp_path / "log.csv")
-    (tmp_path / "schema.json").write_text(cross_domain_schema().model_dump_json())
-    config = {
-        "name": "tiny", "title": "Tiny table", "report": str(tmp_path / "docs" / "r.md"),
-        "datasets": [{"label": "Tiny", "source": "file", "options": {"path": str(tmp_path / "log.csv"), "schema": str(tmp_path / "schema.json")}}],
-        "variants": [{"label": "UniCDR", "model": "unicdr", "params": small()},
-                     {"label": "target-only", "model": "unicdr", "params": small(user_parts="specific")}],
-        "seeds": [0, 1], "eval_negatives": 10, "references": ["UniCDR"],
-        "train": {"epochs": 1, "batch_size": 64, "monitor": "valid_ndcg@10"},
-    }  # fmt: skip
-    path = tmp_path / "tiny.yaml"
-    path.write_text(json.dumps(config))
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "r.md").write_text("# Report\n\nprose kept\n")
-    with pytest.raises(ValueError, match="no finished run of table 'tiny'"):
-        run_table(path, tmp_path / "runs", tmp_path / "stores", train=False)
-    assert (tmp_path / "docs" / "r.md").read_text() == "# Report\n\nprose kept\n"  # untouched
-    results = run_table(path, tmp_path / "runs", tmp_path / "stores")
-    assert len(results["Tiny"]["UniCDR"]) == 2
-    text = (tmp_path / "docs" / "r.md").read_text()
-    assert "prose kept" in text and "<!-- table:tiny -->" in text and "± " in text and "target-only" in text
-    assert (tmp_path / "docs" / "r_tiny.png").stat().st_size > 0
-    (done,) = (tmp_path / "runs" / "tiny").glob("unicdr-*/seed0/metrics.json")
-    first = json.loads(done.read_text())
-    run_table(path, tmp_path / "runs", tmp_path / "stores")  # read back, not retrained
-    assert json.loads(done.read_text()) == first and len(list((tmp_path / "runs" / "tiny").glob("*/seed*"))) == 4
-    assert (tmp_path / "docs" / "r.md").read_text().count("<!-- table:tiny -->") == 1
 
 
 def test_unicdr_beats_popularity_on_a_small_real_pair(real_data, tmp_path):
     """Sport-Phone cut to its items with >= 10 interactions (users keeping >= 3 per domain)."""
+    from recforge.evaluate.evaluators import SampledRanking
+
     raw = load_source("amazon-cross-sport-phone", root=real_data("amazon-crossdomain-disencdr"))
     frame = raw.frame.filter(pl.len().over("item_id") >= 10)
     frame = frame.filter(pl.len().over("user_id", "domain") >= 3)
@@ -520,9 +490,9 @@ def test_unicdr_beats_popularity_on_a_small_real_pair(real_data, tmp_path):
     store = prepare(RawDataset(frame, raw.schema, raw.origin), tmp_path / "store", SplitConfig(kind="cross_domain"))
     data = DomainInteractions.from_store(store)
     torch.manual_seed(0)
-    model = build_model("unicdr", store.schema, {"embedding_dim": 32}).bind(data)
+    model = build_model("unicdr", store.schema, {"embedding_dim": 32}, store=store)
     config = TrainConfig(epochs=2, batch_size=256, sparse_lr=0.1, patience=None, quiet=True, checkpoint_every_steps=0, monitor="valid_ndcg@10", num_threads=1)
-    metrics = CrossDomainTrainer(model, store, config, tmp_path / "run", data, eval_negatives=199, valid_rows=300).fit()
+    metrics = Trainer(model, store, config, tmp_path / "run", SampledRanking(data, negatives=199, valid_rows=300)).fit()
     for domain in ("sport", "phone"):
         assert metrics[f"test_{domain}_ndcg@10"] > metrics[f"test_popular_{domain}_ndcg@10"] + 0.005
         assert metrics[f"test_{domain}_hr@10"] > metrics[f"test_popular_{domain}_hr@10"]

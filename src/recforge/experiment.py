@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file, save_file
 
+from recforge.bundle import load_bundle, save_bundle
 from recforge.config import DataConfig, ExperimentConfig
 from recforge.data.prepare import prepare
 from recforge.data.sources import load_source
 from recforge.data.store import Store
-from recforge.models import Model, build_model
+from recforge.models import build_model
+from recforge.models.base import model_class, protocol_of
 from recforge.train import distributed
 from recforge.train.trainer import TrainConfig, Trainer, seed_everything
-
-RUN_LOCK = "running.pid"  # a run folder held by a live process holds its pid here
 
 
 def prepare_store(data: DataConfig, root: Path = Path("runs/stores")) -> Store:
@@ -33,30 +30,14 @@ def prepare_store(data: DataConfig, root: Path = Path("runs/stores")) -> Store:
     return store
 
 
-def claim_run(out: Path) -> bool:
-    """Mark the run folder ``out`` as taken by this process; False when a live process holds it.
-
-    Lets several processes work through one study or table: each skips the runs another holds.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / RUN_LOCK
-    if lock.exists():
-        try:
-            os.kill(int(lock.read_text()), 0)
-            return False
-        except (ProcessLookupError, ValueError):
-            pass  # left by a process that died
-    lock.write_text(str(os.getpid()))
-    return True
-
-
-def release_run(out: Path) -> None:
-    """Undo :func:`claim_run` once the run is done."""
-    (out / RUN_LOCK).unlink(missing_ok=True)
-
-
 def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: Path = Path("runs/stores")) -> dict:
     """Train ``config`` into ``out`` and write metrics.json, model/ and report.md there."""
+    required = protocol_of(model_class(config.model.name))
+    if required is not None:
+        raise ValueError(
+            f"model {config.model.name!r} trains under the {required!r} protocol: run it with "
+            f"`recforge study SPEC.yaml` and `protocol: {required}` in the spec"
+        )
     context = distributed.setup()
     if context.is_main:  # one process encodes the data; the others wait for it
         out.mkdir(parents=True, exist_ok=True)
@@ -67,42 +48,22 @@ def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: P
         store = Store.open(config.data.store_path(store_root))
     train_config = TrainConfig(**config.train)
     seed_everything(train_config.seed)
-    model = build_model(config.model.name, store.schema, config.model.params)
+    model = build_model(config.model.name, store.schema, config.model.params, store=store)
     trainer = Trainer(model, store, train_config, out)
     metrics = trainer.fit(resume=resume)
     if not trainer.is_main:
         return {}
-    save_model(model, config, store, out / "model")
+    save_bundle(model, store, out / "model")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(report(config, metrics))
     return metrics
-
-
-def save_model(model: Model, config: ExperimentConfig, store: Store, path: Path) -> None:
-    """Weights (safetensors), schema, vocabularies and normalisers: all that scoring needs."""
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
-    (path / "model.json").write_text(json.dumps({"name": config.model.name, "params": config.model.params}, indent=2))
-    store.schema.save(path / "schema.json")
-    shutil.copytree(store.path / "vocab", path / "vocab")
-    shutil.copy(store.path / "normalisers.json", path / "normalisers.json")
-
-
-def load_model(path: Path) -> Model:
-    from recforge.data.schema import Schema
-
-    spec = json.loads((path / "model.json").read_text())
-    model = build_model(spec["name"], Schema.load(path / "schema.json"), spec["params"])
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    return model.eval()
 
 
 def evaluate_run(run_dir: Path, split: str = "test", store_root: Path = Path("runs/stores")) -> dict:
     """Reload a finished run's model and recompute its metrics on ``split``."""
     config = ExperimentConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
     store = prepare_store(config.data, store_root)
-    model = load_model(run_dir / "model")
+    model = load_bundle(run_dir / "model")
     trainer = Trainer(model, store, TrainConfig(**config.train), run_dir)
     return trainer.evaluate(split)
 

@@ -14,18 +14,9 @@ A checkpoint therefore needs no generator state, and a run resumed from any chec
 (mid-epoch ones skip the batches already done) takes the very steps of an unbroken run and ends
 with the same weights and metrics, bit for bit (on the same hardware and thread count).
 
-Evaluation runs under ``torch.inference_mode()`` in batches of ``eval_batch_size``:
-
-- ranking models: every key ``k`` of ``model.predict`` that names a label of the batch is scored
-  against it (``<split>_<k>_auc``, ``_logloss`` and, when the store has a user column,
-  ``_gauc``). A ``ctcvr`` prediction of a funnel model is scored against the product of the
-  labels of the other predicted keys (click * conversion) on every row; the funnel's first
-  label is the click, and its other labels (the conversion) are post-click: scored on the
-  clicked rows only.
-- retrieval models: each row of the split is a (user, item) interaction; the user vector of the
-  row ranks its item against the whole item vocabulary, the user's items of the train split
-  excluded (``<split>_recall@K``, ``_ndcg@K``, ``_hr@K``, ``_mrr``). The model names its item
-  column in ``config.item_feature``.
+Evaluation runs under ``torch.inference_mode()`` in batches of ``eval_batch_size``, by the
+evaluator the model's declared capability picks (:func:`~recforge.evaluate.evaluators.evaluator_for`)
+unless the caller (a study protocol) passes its own.
 """
 
 from __future__ import annotations
@@ -38,7 +29,6 @@ import random
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,18 +38,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
-from recforge.data.schema import OOV, PAD
 from recforge.data.store import SplitView, Store
-from recforge.evaluate.metrics import classification_report, full_ranking_metrics
+from recforge.evaluate.evaluators import Evaluator, evaluator_for
 from recforge.models.base import Model
 from recforge.train import distributed
 from recforge.train.checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from recforge.train.optim import Optimizers
 
 QUIET_ENV = "RECFORGE_QUIET"  # set to a non-empty value other than "0" to silence the trainer
-CTCVR = "ctcvr"
-RETRIEVAL_KS = (10, 20, 50)
-_SCORE_BLOCK = 1 << 24  # user x item scores computed at once in full-corpus evaluation
 
 # settings that shape the sequence of steps; a run resumes only with the same values
 _TRAJECTORY = ("batch_size", "lr", "weight_decay", "sparse_lr", "clip_norm", "seed")
@@ -137,7 +123,9 @@ class Trainer:
     each rank trains on its shard of every epoch; rank 0 evaluates, logs and checkpoints.
     """
 
-    def __init__(self, model: Model, store: Store, config: TrainConfig, out_dir: str | Path) -> None:
+    def __init__(
+        self, model: Model, store: Store, config: TrainConfig, out_dir: str | Path, evaluator: Evaluator | None = None
+    ) -> None:
         self.config = config
         self.store = store
         self.out_dir = Path(out_dir)
@@ -152,8 +140,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.model = model.to(self.device)
         self.network = distributed.wrap(self.model, self.context, self.device)
+        self.evaluator = evaluator or evaluator_for(model, store, config.eval_batch_size)
         self.optimizers = Optimizers(
             self.model,
+            self.model.sparse_parameters(),
             lr=config.lr,
             weight_decay=config.weight_decay,
             sparse_lr=config.sparse_lr,
@@ -356,91 +346,10 @@ class Trainer:
         self.model.eval()
         try:
             with torch.inference_mode():
-                if self.model.task == "retrieval":
-                    metrics = self._retrieval_metrics(view)
-                else:
-                    metrics = self._ranking_metrics(view)
+                metrics = self.evaluator(self.model, view)
         finally:
             self.model.train(was_training)
         return {f"{split}_{name}": value for name, value in metrics.items()}
-
-    def _ranking_metrics(self, view: SplitView) -> dict[str, float]:
-        predictions: dict[str, list[Tensor]] = defaultdict(list)
-        labels: dict[str, list[Tensor]] = defaultdict(list)
-        groups: list[Tensor] = []
-        for batch in view.batches(self.config.eval_batch_size):
-            for name, prob in self.model.predict(self.model(batch.to(self.device))).items():
-                predictions[name].append(prob.float().cpu())
-            for name, label in batch.labels.items():
-                labels[name].append(label)
-            if batch.group is not None:
-                groups.append(batch.group)
-        probs = {name: torch.cat(parts) for name, parts in predictions.items()}
-        targets = _targets(probs, {name: torch.cat(parts) for name, parts in labels.items()})
-        return classification_report(targets, probs, torch.cat(groups) if groups else None, _post_click_rows(targets))
-
-    def _retrieval_metrics(self, view: SplitView) -> dict[str, float]:
-        item_feature = getattr(self.model.config, "item_feature", None)
-        if item_feature is None:
-            raise AttributeError(
-                f"{type(self.model).__name__}: a retrieval model names its item column in config.item_feature"
-            )
-        user_vectors = torch.cat(
-            [self.model.user_embedding(batch.to(self.device)) for batch in view.batches(self.config.eval_batch_size)]
-        )
-        item_vectors = self.model.item_embeddings()
-        exclude_ptr = exclude_idx = None
-        user = self.store.schema.user
-        if user is not None:
-            train = self.store.split("train")
-            ptr, idx = seen_items(train.column(user), train.column(item_feature), view.column(user))
-            exclude_ptr, exclude_idx = torch.from_numpy(ptr), torch.from_numpy(idx)
-        targets = torch.from_numpy(view.column(item_feature).astype(np.int64))
-
-        def rank(users: Tensor, items: Tensor) -> dict[str, float]:
-            return full_ranking_metrics(
-                users, items, targets, exclude_ptr, exclude_idx, ks=RETRIEVAL_KS,
-                batch_size=max(1, _SCORE_BLOCK // len(items)), excluded_item_ids=(PAD, OOV),
-            )  # fmt: skip
-
-        # the most-popular reference under the same protocol: every user gets the train counts
-        counts = np.bincount(self.store.split("train").column(item_feature), minlength=len(item_vectors))
-        popular = rank(torch.ones(len(targets), 1), torch.from_numpy(counts.astype(np.float32))[:, None])
-        return rank(user_vectors, item_vectors) | {f"popular_{k}": v for k, v in popular.items()}
-
-
-def _targets(predicted: Iterable[str], labels: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The label each prediction is scored against (see the module docstring)."""
-    targets = {name: labels[name] for name in predicted if name in labels}
-    if CTCVR in predicted and CTCVR not in labels and targets:
-        targets[CTCVR] = torch.stack(list(targets.values())).prod(0)
-    return targets
-
-
-def _post_click_rows(targets: dict[str, Tensor]) -> dict[str, Tensor]:
-    """For a funnel model (one that predicts ``ctcvr``), its first label is the click and every
-    other label except ``ctcvr`` is post-click: scored on the clicked rows only."""
-    if CTCVR not in targets or len(targets) < 3:
-        return {}
-    click, *post_click = [name for name in targets if name != CTCVR]
-    return {name: targets[click] > 0.5 for name in post_click}
-
-
-def seen_items(
-    train_users: np.ndarray, train_items: np.ndarray, query_users: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each query row, its user's items in the train split, as CSR ``(ptr [Q + 1], idx)``."""
-    train_users = train_users.astype(np.int64)
-    query_users = query_users.astype(np.int64)
-    items_by_user = train_items.astype(np.int64)[np.argsort(train_users, kind="stable")]
-    num_users = int(max(train_users.max(initial=-1), query_users.max(initial=-1))) + 1
-    counts = np.bincount(train_users, minlength=num_users)
-    user_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    lengths = counts[query_users]
-    ptr = np.zeros(len(query_users) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=ptr[1:])
-    idx = items_by_user[np.repeat(user_start[query_users] - ptr[:-1], lengths) + np.arange(ptr[-1])]
-    return ptr, idx
 
 
 class _LossWindow:
@@ -451,14 +360,14 @@ class _LossWindow:
 
     def _reset(self) -> None:
         self.loss: Tensor | float = 0.0
-        self.parts: dict[str, float] = defaultdict(float)
+        self.parts: dict[str, Tensor | float] = defaultdict(float)
         self.steps = 0
         self.samples = 0
         self.started = time.perf_counter()
 
-    def add(self, loss: Tensor, parts: dict[str, float], samples: int) -> None:
+    def add(self, loss: Tensor, parts: dict[str, Tensor], samples: int) -> None:
         self.loss = self.loss + loss  # stays on the device: no synchronisation per step
-        for name, value in parts.items():
+        for name, value in parts.items():  # detached tensors: summed on the device too
             self.parts[name] += value
         self.steps += 1
         self.samples += samples
@@ -467,7 +376,7 @@ class _LossWindow:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {
             "loss": float(self.loss) / self.steps,
-            **{f"loss_{name}": total / self.steps for name, total in self.parts.items()},
+            **{f"loss_{name}": float(total) / self.steps for name, total in self.parts.items()},
             "samples_per_s": self.samples / elapsed,
         }
         self._reset()
