@@ -55,20 +55,18 @@ def test_store_path_follows_data_section(tmp_path):
     assert a.data.store_path() == load_config(write(tmp_path, BASE)).data.store_path()
 
 
-def _load_shipped(path: Path) -> list[str]:
-    """Validate a shipped config with the loader of its kind; the model names it uses."""
-    from recforge import study
-    from recforge.recipes import cold_start, cross_domain, cvr_study
+def _is_study(path: Path) -> bool:
+    import yaml
 
-    relative = path.relative_to(CONFIGS).as_posix()
-    if relative in {"chorus_cvr/study.yaml", "chorus_cvr/ablation.yaml", "chorus_cvr/epochs3.yaml"}:
-        return [m.name for m in cvr_study.load_study(path).models]
-    if relative == "gme/movielens1m.yaml":
-        return list(cold_start.load_cold_start_config(path).backbones)
-    if relative.startswith("minet/study_"):  # each variant's config with its overrides
-        return [load_config(CONFIGS / "minet" / v.config, v.set).model.name for v in study.load_study(path).variants]
-    if relative.startswith("unicdr/"):
-        return [v.model for v in cross_domain.TableConfig.load(path).variants]
+    return "variants" in (yaml.safe_load(path.read_text()) or {})
+
+
+def _load_shipped(path: Path) -> list[str]:
+    """Validate a shipped config (an experiment, or a study expanded to every run); the model names it uses."""
+    from recforge.study import load_spec, plan
+
+    if _is_study(path):
+        return [run.config["model"]["name"] for run in plan(load_spec(path), path.parent)]
     return [load_config(path).model.name]
 
 

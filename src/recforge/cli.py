@@ -121,88 +121,41 @@ def evaluate(run_dir: Path, split: Annotated[str, typer.Option(help="train, vali
 
 
 @app.command()
-def models() -> None:
-    """List the registered models and their default hyper-parameters."""
+def models(markdown: Annotated[bool, typer.Option(help="print the model-zoo table in markdown")] = False) -> None:
+    """List the registered models: capabilities, protocol, paper and default hyper-parameters."""
     from recforge.models import registered
+    from recforge.models.zoo import zoo_markdown, zoo_rows
 
+    if markdown:
+        print(zoo_markdown())
+        return
     table = Table(title="models")
-    table.add_column("name")
-    table.add_column("task")
-    table.add_column("defaults")
-    for name, cls in registered().items():
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in dataclasses.fields(cls.config_class)}
-        table.add_row(name, cls.task, json.dumps(defaults))
+    for column in ("name", "family", "capabilities", "protocol", "defaults"):
+        table.add_column(column)
+    for row in zoo_rows():
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in dataclasses.fields(registered()[row["name"]].config_class)}
+        table.add_row(row["name"], row["family"], ", ".join(row["capabilities"]), row["protocol"], json.dumps(defaults))
     console.print(table)
-
-
-@app.command("cvr-study")
-def cvr_study(
-    study: Path,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override, e.g. seeds=[0]")] = None,
-) -> None:
-    """Train the funnel models of STUDY on the known-truth sources and write the results pages."""
-    from recforge.recipes.cvr_study import load_study, run_study
-
-    try:
-        config = load_study(study, set_)
-        run_study(config, log=console.print)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(err)
-    console.print(f"wrote {config.results}" + (f" and {config.model_doc}" if config.model_doc else ""))
 
 
 @app.command()
 def study(
-    config: Path,
-    runs: Annotated[Path, typer.Option(help="folder of the study's run folders")] = Path("runs/studies"),
-    report_only: Annotated[bool, typer.Option(help="only rewrite the pages from the runs done so far")] = False,
+    spec: Path,
+    runs: Annotated[Path, typer.Option(help="folder of the run folders (shared by every study)")] = Path("runs/studies"),
+    report_only: Annotated[bool, typer.Option(help="train nothing; rewrite the pages from the records")] = False,
+    jobs: Annotated[int, typer.Option(help="runs trained at once, each in its own process")] = 1,
     seed: Annotated[Optional[list[int]], typer.Option(help="train only this seed (repeatable)")] = None,
-    group: Annotated[Optional[list[str]], typer.Option(help="train only this variant group (repeatable)")] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="train only the data set with this label (repeatable)")] = None,
 ) -> None:
-    """Train every model x seed of a study config (skipping finished runs) and write its pages."""
+    """Run every missing cell of a study spec (data sets x variants x seeds under its protocol) and write its pages."""
     from recforge.study import run_study
 
     try:
-        summary = run_study(config, runs, STORE_ROOT, report_only=report_only, seeds=seed, groups=group)
+        found = run_study(spec, runs, STORE_ROOT, report_only=report_only, jobs=jobs, seeds=seed, datasets=dataset,
+                          log=lambda line: console.print(line, markup=False, soft_wrap=True))  # fmt: skip
     except (ValueError, FileNotFoundError, KeyError) as err:
         _fail(err)
-    console.print_json(json.dumps(summary))
-
-
-@app.command("cross-domain-rec")
-def cross_domain_rec(
-    config: Path,
-    out: Annotated[Path, typer.Option(help="root of the run folders")] = Path("runs/cross_domain"),
-    dataset: Annotated[Optional[list[str]], typer.Option(help="train only the data set with this label (repeatable)")] = None,
-    report_only: Annotated[bool, typer.Option(help="write the report from the finished runs, train nothing")] = False,
-) -> None:
-    """Run a cross-domain table (data sets x models x seeds) of CONFIG and write it into its report."""
-    from recforge.recipes.cross_domain import run_table
-
-    try:
-        run_table(config, out, STORE_ROOT, only=dataset, train=not report_only)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
-
-
-@app.command("cold-start")
-def cold_start(
-    config: Path,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override, e.g. seeds=[0]")] = None,
-    backbone: Annotated[Optional[list[str]], typer.Option(help="run only this backbone (repeatable)")] = None,
-    results: Annotated[Optional[Path], typer.Option(help="results JSON; finished runs in it are kept (default: the report's .json)")] = None,
-    report_only: Annotated[bool, typer.Option(help="run nothing; rewrite the report from the results JSON")] = False,
-) -> None:
-    """Item cold start (GME / MetaEmb): pre-train each backbone, meta-train the generators, evaluate cold and after warm-ups a, b, c; writes the report table and plot."""
-    from recforge.recipes.cold_start import load_cold_start_config, run_cold_start
-
-    try:
-        cfg = load_cold_start_config(config, set_)
-        command = " ".join(["recforge cold-start", str(config), *(f"--set {o}" for o in set_ or []), *(f"--backbone {b}" for b in backbone or [])])
-        run_cold_start(cfg, STORE_ROOT, backbones=backbone, results_path=results, command=command, report_only=report_only)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
-    console.print(f"report written to [bold]{cfg.report}[/]")
+    console.print(f"{len(found['runs'])} finished runs")
 
 
 if __name__ == "__main__":
