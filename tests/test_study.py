@@ -262,3 +262,27 @@ def test_table_pivots_records_with_paired_deltas_and_wins(workdir):
     assert {row: {c: m for c, (m, _) in columns.items()} for row, columns in means.items()} == {
         "A": {"x": pytest.approx(0.61), "y": pytest.approx(0.71)}, "B": {"x": pytest.approx(0.71), "y": pytest.approx(0.81)}}  # fmt: skip
     assert means["B"]["x"][1] == pytest.approx(0.01)
+
+
+def _prepare_at_once(root: str, start, results) -> None:
+    from recforge.config import DataConfig
+    from recforge.experiment import prepare_store
+
+    start.wait()
+    store = prepare_store(DataConfig.model_validate(DATA), Path(root))
+    results.put((str(store.path), len(store.split("train"))))
+
+
+def test_processes_preparing_one_store_at_once_share_it(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Event(), context.Queue()
+    workers = [context.Process(target=_prepare_at_once, args=(str(tmp_path), start, results)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    start.set()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join()
+    assert all(w.exitcode == 0 for w in workers)
+    assert len(set(outcomes)) == 1  # one store, the same rows for every process
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Path(outcomes[0][0]).name]  # no temp folder or lock left

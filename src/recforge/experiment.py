@@ -12,6 +12,7 @@ from recforge.config import DataConfig, ExperimentConfig
 from recforge.data.prepare import prepare
 from recforge.data.sources import load_source
 from recforge.data.store import Store
+from recforge.files import wait_for_lock, write_atomic
 from recforge.models import build_model
 from recforge.models.base import model_class, protocol_of
 from recforge.train import distributed
@@ -22,12 +23,20 @@ def prepare_store(data: DataConfig, root: Path = Path("runs/stores")) -> Store:
     """Open the store of ``data``, encoding it first unless an identical one exists."""
     path = data.store_path(root)
     stamp = path / "data.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == data.model_dump(mode="json", exclude={"store"}):
+    wanted = data.model_dump(mode="json", exclude={"store"})
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return Store.open(path)
-    raw = load_source(data.source, **data.options)
-    store = prepare(raw, path, data.split)
-    stamp.write_text(json.dumps(data.model_dump(mode="json", exclude={"store"}), indent=2))
-    return store
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    wait_for_lock(lock)  # processes preparing one store take turns; the later ones find it done
+    try:
+        if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+            return Store.open(path)
+        store = prepare(load_source(data.source, **data.options), path, data.split)
+        write_atomic(stamp, json.dumps(wanted, indent=2))
+        return store
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: Path = Path("runs/stores")) -> dict:

@@ -12,6 +12,7 @@ a history, so that a sample's history is the events strictly before its time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     train = frame.filter(pl.col("_split").is_in([SPLITS.index(name) for name in split.fit_on]))
 
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")  # one per process: preparing processes never share it
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "vocab").mkdir(parents=True)
 

@@ -25,6 +25,7 @@ import yaml
 from pydantic import ValidationError
 
 from recforge.config import ConfigError, ExperimentConfig, apply_overrides
+from recforge.files import write_atomic
 from recforge.protocols import Cell, get_protocol
 from recforge.study import runs
 from recforge.study.spec import StudySpec, load_spec
@@ -125,7 +126,7 @@ def run_cell(spec: StudySpec, item: PlannedRun, folder: Path, store_root: Path) 
         protocol = protocol_class(protocol_class.Params.model_validate(spec.params))
         cell = Cell(item.dataset, item.variant, item.seed, ExperimentConfig.model_validate(item.config), item.group,
                     item.extra, store_root)  # fmt: skip
-        runs.write_atomic(folder / "cell.json", json.dumps(dataclasses.asdict(item), indent=1))
+        write_atomic(folder / "cell.json", json.dumps(dataclasses.asdict(item), indent=1))
         started = time.perf_counter()
         records = protocol.run(cell, folder)
         result = {
@@ -133,7 +134,7 @@ def run_cell(spec: StudySpec, item: PlannedRun, folder: Path, store_root: Path) 
             "fingerprint": item.fingerprint, "seconds": time.perf_counter() - started,
             "environment": runs.environment(), "records": records,
         }  # fmt: skip
-        runs.write_atomic(folder / runs.RECORD_FILE, json.dumps(result, indent=1))
+        write_atomic(folder / runs.RECORD_FILE, json.dumps(result, indent=1))
     finally:
         runs.release(folder)
     return True
@@ -213,5 +214,5 @@ def collect(spec: StudySpec, grid: list[PlannedRun], folder_of: dict[str, Path])
             # labels follow the spec (a renamed variant keeps its runs)
             found.append(result | {"dataset": item.dataset, "variant": item.variant, "seed": item.seed, "group": item.group})
     document = {"study": spec.name, "runs": found}
-    runs.write_atomic(spec.records_path, json.dumps(document, indent=1) + "\n")
+    write_atomic(spec.records_path, json.dumps(document, indent=1) + "\n")
     return document

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from recforge.study import runs as run_files
+from recforge.files import write_atomic
 from recforge.study.spec import Comparison, StudySpec, TableSpec
 
 
@@ -274,4 +274,4 @@ def write_pages(spec: StudySpec, spec_path: Path, found: dict[str, Any]) -> None
         text = block(spec, spec_path, found, page, titled=current.startswith(f"# {spec.title}\n"))
         pattern = re.compile(rf"<!-- study:{re.escape(spec.name)} -->.*?<!-- /study:{re.escape(spec.name)} -->", re.S)
         updated = pattern.sub(lambda _: text, current) if pattern.search(current) else current.rstrip() + "\n\n" + text + "\n"
-        run_files.write_atomic(page, updated)
+        write_atomic(page, updated)

@@ -13,16 +13,15 @@ import json
 import os
 import platform
 import re
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from recforge.files import take_lock
+
 CLAIM_FILE = "claim.json"
 RECORD_FILE = "record.json"
-UNREADABLE_CLAIM_SECONDS = 60  # a claim file still unreadable after this was left by a process that died writing it
 
 
 def fingerprint(shape: dict[str, Any]) -> str:
@@ -34,66 +33,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with staging.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
-
-
-def _alive(pid: int, host: str) -> bool:
-    if host != socket.gethostname():
-        return True  # another machine's process: cannot tell, so it holds the run
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _young(path: Path) -> bool:
-    try:
-        return time.time() - path.stat().st_mtime < UNREADABLE_CLAIM_SECONDS
-    except FileNotFoundError:
-        return True  # gone meanwhile: another process took it
-
-
 def claim(folder: Path) -> bool:
-    """Take ``folder`` for this process; False when a live process holds it.
-
-    The claim file is created with ``O_EXCL``, so of processes claiming at once exactly one wins;
-    a claim left by a process that died is removed and claimed anew.
-    """
+    """Take ``folder`` for this process; False when a live process holds it (see :func:`recforge.files.take_lock`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CLAIM_FILE
-    for _ in range(2):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-                alive = _alive(int(holder["pid"]), holder["host"])
-            except (OSError, ValueError, KeyError):  # being written by its creator, or left half-written
-                alive = _young(path)
-            if alive:
-                return False
-            stale = path.with_name(f"{CLAIM_FILE}.stale.{os.getpid()}")
-            try:
-                os.replace(path, stale)  # only one taker moves the dead claim away
-            except FileNotFoundError:
-                return False
-            stale.unlink()
-            continue
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
-        return True
-    return False
+    return take_lock(folder / CLAIM_FILE)
 
 
 def release(folder: Path) -> None:
