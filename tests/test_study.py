@@ -286,3 +286,18 @@ def test_processes_preparing_one_store_at_once_share_it(tmp_path):
     assert all(w.exitcode == 0 for w in workers)
     assert len(set(outcomes)) == 1  # one store, the same rows for every process
     assert sorted(p.name for p in tmp_path.iterdir()) == [Path(outcomes[0][0]).name]  # no temp folder or lock left
+
+
+def test_a_block_of_ablations_compares_against_the_reference_in_another_block(workdir):
+    spec = spec_text(
+        protocol="test_planted", seeds=[0, 1], defaults={"data": DATA}, reference="A",
+        variants=[{"label": "A", "model": {"name": "lr"}},
+                  {"label": "B", "model": {"name": "lr"}, "set": ["model.params.embedding_dim=8"], "group": "ablations"}],
+        tables=[{"title": "t", "blocks": "variant_group", "where": {"domain": "x"}, "metrics": ["auc"], "compare": [{"metric": "auc"}]}],
+    )  # fmt: skip
+    path = workdir / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_study(path, workdir / "runs", workdir / "stores", log=lambda _: None)
+    page = (workdir / "page.md").read_text()
+    assert "#### main" in page and "#### ablations" in page
+    assert "| B | 2 | 0.7050 ± 0.0071 | +0.1000 ± 0.0000 (2/2) |" in page

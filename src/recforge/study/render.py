@@ -94,7 +94,9 @@ def render_table(spec: StudySpec, table: TableSpec, rows: list[dict[str, Any]]) 
     parts, means = [], {}
     for block in blocks:
         in_block = [r for r in rows if not table.blocks or str(r.get(table.blocks, "")) == block]
-        text, block_means = _block(spec, table, [r for r in in_block if _keep(r, table.where)], in_block)
+        # a reference row is looked up in the same block, unless blocks split the variants themselves
+        references = kept if table.blocks in ("variant", "variant_group") else [r for r in in_block if _keep(r, table.where)]
+        text, block_means = _block(spec, table, [r for r in in_block if _keep(r, table.where)], in_block, references)
         if table.blocks:
             parts.append(f"#### {block}\n\n{text}")
         else:
@@ -104,9 +106,11 @@ def render_table(spec: StudySpec, table: TableSpec, rows: list[dict[str, Any]]) 
 
 
 def _block(
-    spec: StudySpec, table: TableSpec, rows: list[dict[str, Any]], unfiltered: list[dict[str, Any]]
-) -> tuple[str, dict[str, dict[str, tuple[float, float]]]]:
+    spec: StudySpec, table: TableSpec, rows: list[dict[str, Any]], unfiltered: list[dict[str, Any]],
+    references: list[dict[str, Any]],
+) -> tuple[str, Means]:  # fmt: skip
     pivot = Pivot(table, rows, table.rows)
+    reference_pivot = Pivot(table, references, table.rows)
     if table.rows == "variant":
         order = [v.label for v in spec.variants if table.variants is None or v.label in table.variants]
         present = {r["variant"] for r in rows}
@@ -137,7 +141,7 @@ def _block(
         seed_count = 0
         for column, item in keys:
             if isinstance(item, Comparison):
-                cells.append(_compare(spec, pivot, table, item, label, column))
+                cells.append(_compare(spec, pivot, reference_pivot, table, item, label, column))
                 continue
             found = pivot.seeds(label, column, item.metric, item.split or table.split)
             seed_count = max(seed_count, len(found))
@@ -165,12 +169,14 @@ def _comparison_title(comparison: Comparison, reference: str | None) -> str:
     return f"{kind} {comparison.metric} vs {reference}"
 
 
-def _compare(spec: StudySpec, pivot: Pivot, table: TableSpec, comparison: Comparison, label: str, column: str) -> str:
+def _compare(
+    spec: StudySpec, pivot: Pivot, references: Pivot, table: TableSpec, comparison: Comparison, label: str, column: str
+) -> str:
     reference = comparison.reference or spec.reference
     if reference is None:
         raise ValueError(f"{spec.name}: table {table.title!r} compares against a reference; set `reference`")
     mine = pivot.seeds(label, column, comparison.metric, table.split)
-    theirs = pivot.seeds(reference, column, comparison.metric, table.split)
+    theirs = references.seeds(reference, column, comparison.metric, table.split)
     if not mine or not theirs:
         return "—"
     if comparison.kind == "delta":
