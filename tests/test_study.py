@@ -301,3 +301,13 @@ def test_a_block_of_ablations_compares_against_the_reference_in_another_block(wo
     page = (workdir / "page.md").read_text()
     assert "#### main" in page and "#### ablations" in page
     assert "| B | 2 | 0.7050 ± 0.0071 | +0.1000 ± 0.0000 (2/2) |" in page
+
+
+def test_a_run_held_by_a_live_process_is_skipped_and_reported(workdir):
+    path = write_spec(workdir)
+    first = plan(load_spec(path), workdir)[0]
+    assert runs.claim(workdir / "runs" / "standard" / first.fingerprint)  # this live process holds it
+    lines: list[str] = []
+    run_study(path, workdir / "runs", workdir / "stores", log=lines.append)
+    assert lines[-1] == "[tiny] 1 run(s) held by other processes: run the study again once they finish"
+    assert len(records_of(workdir / "records.json")) == 3

@@ -193,6 +193,10 @@ def run_study(
                 if future.result():
                     log(f"[{spec.name}] {item.dataset or '-'} / {item.variant} / seed {item.seed}: done")
     found = collect(spec, grid, folder_of)
+    done = {r["fingerprint"] for r in found["runs"]}
+    held = sorted({item.fingerprint for item in todo if item.fingerprint not in done})
+    if held:  # claimed by another live process (or failed there): this study's pages lack them until it ends
+        log(f"[{spec.name}] {len(held)} run(s) held by other processes: run the study again once they finish")
     if not found["runs"]:
         if report_only:
             raise ConfigError(f"{path}: no finished run of study {spec.name!r} (records {spec.records_path}); nothing to report")
