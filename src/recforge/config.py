@@ -54,6 +54,14 @@ class ConfigError(ValueError):
     """A config that cannot be read; the message names the file and the key."""
 
 
+def problems(err: ValidationError) -> str:
+    """A validation error in one line: ``key.path: message`` for each problem."""
+    return "; ".join(
+        ": ".join(x for x in (".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) if x)
+        for e in err.errors(include_url=False)
+    )
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -81,10 +89,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)
-        )
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(f"{path}: {problems(err)}") from None
     from recforge.train.trainer import TrainConfig  # the trainer owns its settings
 
     known = set(TrainConfig.__dataclass_fields__)

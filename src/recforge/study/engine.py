@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from recforge.config import ConfigError, ExperimentConfig, apply_overrides
+from recforge.config import ConfigError, ExperimentConfig, apply_overrides, problems
 from recforge.files import write_atomic
 from recforge.protocols import Cell, get_protocol
 from recforge.study import runs
@@ -58,7 +58,7 @@ def plan(spec: StudySpec, folder: Path) -> list[PlannedRun]:
         protocol = get_protocol(spec.protocol)
         params = protocol.Params.model_validate(spec.params)
     except ValidationError as err:
-        raise ConfigError(f"{spec.name}: params: {_problems(err)}") from None
+        raise ConfigError(f"{spec.name}: params: {problems(err)}") from None
     except ValueError as err:
         raise ConfigError(f"{spec.name}: {err}") from None
     # (label, the data set it copies, its data section, its group, its overrides)
@@ -94,7 +94,7 @@ def plan(spec: StudySpec, folder: Path) -> list[PlannedRun]:
                     train = dataclasses.asdict(TrainConfig(**config.train))
                     extra = protocol.VariantParams.model_validate(variant.params).model_dump(mode="json")
                 except ValidationError as err:
-                    raise ConfigError(f"{spec.name}: variant {variant.label!r}, data set {label!r}: {_problems(err)}") from None
+                    raise ConfigError(f"{spec.name}: variant {variant.label!r}, data set {label!r}: {problems(err)}") from None
                 except (ValueError, TypeError) as err:
                     raise ConfigError(f"{spec.name}: variant {variant.label!r}, data set {label!r}: {err}") from None
                 shape = {
@@ -108,13 +108,6 @@ def plan(spec: StudySpec, folder: Path) -> list[PlannedRun]:
                 resolved = config.model_dump(mode="json")
                 planned.append(PlannedRun(label, variant.label, seed, group, resolved, extra, runs.fingerprint(shape)))
     return planned
-
-
-def _problems(err: ValidationError) -> str:
-    return "; ".join(
-        ": ".join(x for x in (".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) if x)
-        for e in err.errors(include_url=False)
-    )
 
 
 def run_cell(spec: StudySpec, item: PlannedRun, folder: Path, store_root: Path) -> bool:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recforge.config import ConfigError, apply_overrides
+from recforge.config import ConfigError, apply_overrides, problems
 
 
 class _Strict(BaseModel):
@@ -183,8 +183,4 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            ": ".join(x for x in (".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) if x)
-            for e in err.errors(include_url=False)
-        )
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(f"{path}: {problems(err)}") from None
