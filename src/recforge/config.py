@@ -78,14 +78,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    path = Path(path)
+def read_mapping(path: Path, overrides: list[str], missing: str, not_mapping: str) -> dict[str, Any]:
+    """The YAML mapping at ``path`` with ``overrides`` applied; ``missing`` / ``not_mapping`` complete the errors."""
     if not path.exists():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: {missing}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config is a mapping of sections")
-    apply_overrides(raw, overrides or [])
+        raise ConfigError(f"{path}: {not_mapping}")
+    return apply_overrides(raw, overrides)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    raw = read_mapping(path, overrides or [], "no such config file", "a config is a mapping of sections")
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as err:

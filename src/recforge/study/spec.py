@@ -28,10 +28,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recforge.config import ConfigError, apply_overrides, problems
+from recforge.config import ConfigError, problems, read_mapping
 
 
 class _Strict(BaseModel):
@@ -174,12 +173,7 @@ class StudySpec(_Strict):
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such study spec")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a study spec is a mapping")
-    apply_overrides(raw, overrides or [])
+    raw = read_mapping(path, overrides or [], "no such study spec", "a study spec is a mapping")
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as err:
