@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recforge.config import ExperimentConfig, load_config
+from recforge.errors import DEBUG_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial recommender models: prepare, train, evaluate.")
 console = Console()
@@ -36,7 +38,10 @@ QUICKSTART = {
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    """Print ``err`` as one line on stderr and exit with code 2 (``RECFORGE_DEBUG=1``: the traceback)."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        raise err
+    typer.echo(f"error: {' '.join(str(err).split())}", err=True)
     raise typer.Exit(code=2)
 
 

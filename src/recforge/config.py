@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recforge.data.splits import SplitConfig
+from recforge.errors import ConfigError
 
 
 class DataConfig(BaseModel):
@@ -48,10 +49,6 @@ class ExperimentConfig(BaseModel):
     data: DataConfig
     model: ModelSection
     train: dict[str, Any] = Field(default_factory=dict)  # checked against TrainConfig
-
-
-class ConfigError(ValueError):
-    """A config that cannot be read; the message names the file and the key."""
 
 
 def problems(err: ValidationError) -> str:

@@ -23,12 +23,9 @@ from recforge.data.schema import N_RESERVED, OOV, Kind, Schema
 from recforge.data.sources import RawDataset
 from recforge.data.splits import SPLITS, SplitConfig, assign_splits
 from recforge.data.store import Store
+from recforge.errors import DataError
 
 _ID_DTYPES = (pl.String, pl.Categorical, pl.Enum, pl.Boolean)
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the column and, where it helps, the row."""
 
 
 def validate(raw: RawDataset) -> None:

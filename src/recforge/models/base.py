@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
+from recforge.errors import ModelConfigError
 from recforge.models.capabilities import NeedsProtocol, Ranker
 from recforge.models.features import FeatureEmbedding
 
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
     from recforge.data.store import Store
 
 _REGISTRY: dict[str, type["Model"]] = {}
-
-
-class ModelConfigError(ValueError):
-    """A model's parameters that do not validate; the message names the model and the key."""
 
 
 @dataclasses.dataclass

@@ -1,0 +1,4 @@
+from tests.bad_input import PAGE, render
+
+PAGE.write_text(render())
+print(f"wrote {PAGE}")

@@ -1,0 +1,3 @@
+"""Mistakes in data files and schemas."""
+
+CASES = []

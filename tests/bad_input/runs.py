@@ -1,0 +1,3 @@
+"""Mistakes with run folders, checkpoints and bundles."""
+
+CASES = []
