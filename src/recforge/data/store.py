@@ -23,6 +23,7 @@ memory-mapped array, and sequences are the last ``max_len`` entries of each row'
 from __future__ import annotations
 
 from collections.abc import Iterator
+import json
 from functools import cached_property
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import torch
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
 from recforge.data.splits import SPLITS
+
+STAMP_FILE = "data.json"  # written by recforge.experiment.prepare_store: config, inputs, fingerprint
 
 
 def _load(path: Path) -> np.ndarray:
@@ -65,6 +68,12 @@ class Store:
         if not (path / "schema.json").exists():
             raise FileNotFoundError(f"{path}: not an encoded store (no schema.json); run `recforge prepare`")
         return cls(path)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Digest of what the store was prepared from: its data config and the content of every input."""
+        stamp = self.path / STAMP_FILE
+        return json.loads(stamp.read_text())["fingerprint"] if stamp.exists() else ""
 
     def split(self, name: str) -> "SplitView":
         if name not in SPLITS:

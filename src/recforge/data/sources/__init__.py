@@ -18,6 +18,7 @@ class RawDataset:
     frame: pl.DataFrame
     schema: Schema
     origin: str  # file or generator the rows came from, named in error messages
+    inputs: tuple[Path, ...] = ()  # every file the rows were read from (a store is re-prepared when one changes)
 
 
 def history_feature(max_len: int) -> Feature:
