@@ -136,7 +136,10 @@ def _block(
         "| --- | " + " | ".join(["---:"] * (len(headers) + table.seeds_column)) + " |",
     ]
     means: dict[str, dict[str, tuple[float, float]]] = {}
+    only_compared = not table.metrics and table.compare
     for label in row_labels:
+        if only_compared and all((c.reference or spec.reference) == label for c in table.compare):
+            continue  # the reference's change against itself
         cells = []
         seed_count = 0
         for column, item in keys:
