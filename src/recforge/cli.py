@@ -118,7 +118,7 @@ def evaluate(run_dir: Path, split: Annotated[str, typer.Option(help="train, vali
     from recforge.experiment import evaluate_run
 
     try:
-        metrics = evaluate_run(run_dir, split, STORE_ROOT)
+        metrics = evaluate_run(run_dir, split)
     except (ValueError, FileNotFoundError, KeyError) as err:
         _fail(err)
     console.print(_table(f"{run_dir} ({split})", metrics))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from recforge.bundle import load_bundle, save_bundle
-from recforge.config import DataConfig, ExperimentConfig
-from recforge.data.prepare import prepare
+from recforge.config import DataConfig, ExperimentConfig, load_config
+from recforge.data import inputs
+from recforge.data.prepare import Fitted, prepare
+from recforge.data.splits import SPLITS
+from recforge.errors import RunError
 from recforge.data.sources import load_source
-from recforge.data.store import Store
+from recforge.data.store import STAMP_FILE, Store
 from recforge.files import wait_for_lock, write_atomic
 from recforge.models import build_model
 from recforge.models.base import model_class, protocol_of
@@ -19,24 +24,56 @@ from recforge.train import distributed
 from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
 
-def prepare_store(data: DataConfig, root: Path = Path("runs/stores")) -> Store:
-    """Open the store of ``data``, encoding it first unless an identical one exists."""
+def _notice(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def prepare_store(data: DataConfig, root: Path = Path("runs/stores"), notice=_notice) -> Store:
+    """Open the store of ``data``, encoding it first unless one prepared from the same config and
+    the same input content exists; ``notice`` receives the one line that says why a store is
+    prepared again."""
     path = data.store_path(root)
-    stamp = path / "data.json"
+    stamp = path / STAMP_FILE
     wanted = data.model_dump(mode="json", exclude={"store"})
-    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+    if _stale(stamp, wanted) is None:
         return Store.open(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
     wait_for_lock(lock)  # processes preparing one store take turns; the later ones find it done
     try:
-        if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        reason = _stale(stamp, wanted)
+        if reason is None:
             return Store.open(path)
-        store = prepare(load_source(data.source, **data.options), path, data.split)
-        write_atomic(stamp, json.dumps(wanted, indent=2))
+        if stamp.exists():
+            notice(f"store {path}: {reason}; preparing it again")
+            stamp.unlink()  # readers without the lock see no store until the new one is complete
+        with inputs.reading() as folder_files:
+            raw = load_source(data.source, **data.options)
+        found = inputs.describe([*raw.inputs, *folder_files])
+        store = prepare(raw, path, data.split)
+        document = {"config": wanted, "inputs": found, "fingerprint": inputs.fingerprint(wanted, found)}
+        write_atomic(stamp, json.dumps(document, indent=1))
         return store
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _stale(stamp: Path, wanted: dict) -> str | None:
+    """Why the store stamped by ``stamp`` is not the one ``wanted`` describes, or None when it is."""
+    try:
+        document = json.loads(stamp.read_text())
+    except FileNotFoundError:
+        return "not prepared"
+    except ValueError:
+        return "its stamp is unreadable"
+    if not isinstance(document, dict) or "fingerprint" not in document:
+        return "it was prepared without a record of its inputs"
+    if document["config"] != wanted:
+        return "its data config differs"
+    reason, refreshed = inputs.check(document["inputs"])
+    if reason is None and refreshed != document["inputs"]:  # touched but unchanged: remember the new times
+        write_atomic(stamp, json.dumps({**document, "inputs": refreshed}, indent=1))
+    return reason
 
 
 def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: Path = Path("runs/stores")) -> dict:
@@ -68,13 +105,25 @@ def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: P
     return metrics
 
 
-def evaluate_run(run_dir: Path, split: str = "test", store_root: Path = Path("runs/stores")) -> dict:
-    """Reload a finished run's model and recompute its metrics on ``split``."""
-    config = ExperimentConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    store = prepare_store(config.data, store_root)
+def evaluate_run(run_dir: Path, split: str = "test") -> dict:
+    """Recompute a finished run's metrics on ``split`` from its bundle alone.
+
+    The run's data is read again through its config and encoded with the bundle's vocabularies and
+    normalisers (never fitted anew); ``<split>_oov_values`` counts the values no vocabulary entry
+    holds, and ``<split>_oov_<feature>`` each feature's share of them.
+    """
+    if split not in SPLITS:
+        raise RunError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model").is_dir():
+        raise RunError(f"{run_dir}: not a finished run (it needs config.yaml and model/)")
+    config = load_config(run_dir / "config.yaml")
     model = load_bundle(run_dir / "model")
-    trainer = Trainer(model, store, TrainConfig(**config.train), run_dir)
-    return trainer.evaluate(split)
+    with tempfile.TemporaryDirectory(prefix="recforge-evaluate-") as scratch:
+        raw = load_source(config.data.source, **config.data.options)
+        store = prepare(raw, Path(scratch) / "store", config.data.split, fitted=Fitted.load(run_dir / "model"))
+        metrics = Trainer(model, store, TrainConfig(**config.train), scratch).evaluate(split)
+        oov = json.loads((store.path / "oov.json").read_text())[split]
+    return metrics | {f"{split}_oov_values": sum(oov.values())} | {f"{split}_oov_{k}": n for k, n in oov.items() if n}
 
 
 def report(config: ExperimentConfig, metrics: dict) -> str:

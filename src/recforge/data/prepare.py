@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +107,37 @@ def _no_nans(col: pl.Series, origin: str) -> None:
         raise DataError(f"{origin}: column {col.name!r}, row {row}: NaN")
 
 
-def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = None) -> Store:
-    """Encode ``raw`` into a store at ``out_dir`` (replaced if it exists) and open it."""
+@dataclass
+class Fitted:
+    """What preparation fits on the training rows: the schema's vocabulary sizes and domain ids, one
+    vocabulary table per vocabulary (columns value as text, count, index) and the numeric normalisers.
+
+    A store and a model bundle hold the same files (``schema.json``, ``vocab/``, ``normalisers.json``),
+    so :meth:`load` reads either; :func:`prepare` with ``fitted`` encodes new rows exactly as the
+    model's training rows were encoded.
+    """
+
+    schema: Schema
+    vocabularies: dict[str, pl.DataFrame]
+    normalisers: dict[str, dict[str, float]]
+
+    @classmethod
+    def load(cls, folder: Path) -> "Fitted":
+        schema = Schema.load(folder / "schema.json")
+        vocabularies = {vocab: pl.read_parquet(folder / "vocab" / f"{vocab}.parquet") for vocab in schema.vocabs}
+        return cls(schema, vocabularies, json.loads((folder / "normalisers.json").read_text()))
+
+
+def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = None, fitted: Fitted | None = None) -> Store:
+    """Encode ``raw`` into a store at ``out_dir`` (replaced if it exists) and open it.
+
+    Without ``fitted`` the vocabularies and normalisers are fitted on the ``fit_on`` splits; with it
+    they are ``fitted``'s, unchanged. Either way the store's ``oov.json`` counts, per split and
+    feature, the values (list elements for list columns) absent from the vocabulary, encoded as OOV.
+    """
     split = split or SplitConfig()
+    if fitted is not None:  # the columns the model was trained on, whatever the source declares now
+        raw = replace(raw, schema=fitted.schema)
     validate(raw)
     schema = raw.schema.model_copy(deep=True)
     frame = raw.frame.with_row_index("_row")
@@ -119,7 +148,7 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     }
     codes = assign_splits(frame, schema, split)
     frame = frame.with_columns(pl.Series("_split", codes))
-    if not (codes == 0).any():
+    if fitted is None and not (codes == 0).any():
         raise DataError(f"{raw.origin}: the {split.kind} split left no training rows")
     train = frame.filter(pl.col("_split").is_in([SPLITS.index(name) for name in split.fit_on]))
 
@@ -128,42 +157,43 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "vocab").mkdir(parents=True)
 
-    # vocabularies: fitted on train values of every feature that uses them; counted and encoded
-    # in the columns' own dtype (strings only where features of one vocabulary differ in dtype),
-    # stored with string values
+    # vocabularies: fitted on train values of every feature that uses them (counted and encoded in
+    # the columns' own dtype, strings only where features of one vocabulary differ in dtype) and
+    # stored as text; a saved vocabulary matches values by their text
     encoded: dict[str, pl.Expr] = {}
+    absent: dict[str, pl.Expr] = {}
     for vocab in schema.vocabs:
         users = [f for f in schema.categorical + schema.sequences if f.vocab == vocab and f.timeline is None]
-        parts = [train[f.name].explode() if f.kind is Kind.SEQUENCE else train[f.name] for f in users]
-        if len({part.dtype for part in parts}) > 1:
-            parts = [part.cast(pl.String) for part in parts]
-        values = pl.concat([part.rename("value") for part in parts])
-        min_count = max(f.min_count for f in users)
-        table = (
-            values.value_counts(name="count")
-            .with_columns(pl.col("count").cast(pl.Int64), pl.col("value").cast(pl.String).alias("text"))
-            .filter(pl.col("count") >= min_count)
-            .sort(["count", "text"], descending=[True, False])
-            .with_columns(pl.int_range(N_RESERVED, pl.len() + N_RESERVED, dtype=pl.Int32).alias("index"))
-        )
-        table.select(pl.col("text").alias("value"), "count", "index").write_parquet(tmp / "vocab" / f"{vocab}.parquet")
-        schema.vocab_sizes[vocab] = table.height + N_RESERVED
-        if schema.domain is not None and vocab == schema.feature(schema.domain).vocab:
-            schema.domain_index = dict(zip(table["text"].to_list(), table["index"].to_list()))  # keys as the vocabulary file writes them
+        table = fitted.vocabularies[vocab] if fitted is not None else _fit_vocabulary(train, users)
+        table.select(pl.col("value").cast(pl.String), "count", "index").write_parquet(tmp / "vocab" / f"{vocab}.parquet")
+        if fitted is None:
+            schema.vocab_sizes[vocab] = table.height + N_RESERVED
+            if schema.domain is not None and vocab == schema.feature(schema.domain).vocab:
+                schema.domain_index = dict(zip(table["value"].cast(pl.String).to_list(), table["index"].to_list()))
         for f in users:
             col = pl.col(f.name)
             if f.kind is Kind.SEQUENCE:
                 encoded[f.name] = col.list.eval(_encode(pl.element(), table))
+                absent[f.name] = col.list.eval(_encode(pl.element(), table) == OOV).list.sum()
             else:
                 encoded[f.name] = _encode(col, table)
+                absent[f.name] = _encode(col, table) == OOV
+    counts = frame.group_by("_split").agg(absent[name].cast(pl.Int64).sum().alias(name) for name in absent)
+    oov = {name: {f: 0 for f in absent} for name in SPLITS}
+    for row in counts.iter_rows(named=True):  # one row per split
+        oov[SPLITS[row.pop("_split")]] = row
+    (tmp / "oov.json").write_text(json.dumps(oov, indent=1))
     frame = frame.with_columns(**encoded)
 
     # numeric normalisers: train mean and std
-    normalisers = {}
-    for f in schema.numeric:
-        mean = float(train[f.name].cast(pl.Float64).mean())
-        std = float(train[f.name].cast(pl.Float64).std() or 0.0) or 1.0
-        normalisers[f.name] = {"mean": mean, "std": std}
+    if fitted is not None:
+        normalisers = {f.name: fitted.normalisers[f.name] for f in schema.numeric}
+    else:
+        normalisers = {}
+        for f in schema.numeric:
+            mean = float(train[f.name].cast(pl.Float64).mean())
+            std = float(train[f.name].cast(pl.Float64).std() or 0.0) or 1.0
+            normalisers[f.name] = {"mean": mean, "std": std}
     (tmp / "normalisers.json").write_text(json.dumps(normalisers, indent=2))
     if schema.numeric:
         frame = frame.with_columns(
@@ -197,6 +227,23 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return Store.open(out)
+
+
+def _fit_vocabulary(train: pl.DataFrame, users: list) -> pl.DataFrame:
+    """The vocabulary of the features ``users`` on the train rows: value, count and index (2.. by
+    decreasing count, ties by text), without the values seen fewer than ``min_count`` times."""
+    parts = [train[f.name].explode() if f.kind is Kind.SEQUENCE else train[f.name] for f in users]
+    if len({part.dtype for part in parts}) > 1:
+        parts = [part.cast(pl.String) for part in parts]
+    values = pl.concat([part.rename("value") for part in parts])
+    return (
+        values.value_counts(name="count")
+        .with_columns(pl.col("count").cast(pl.Int64), pl.col("value").cast(pl.String).alias("text"))
+        .filter(pl.col("count") >= max(f.min_count for f in users))
+        .sort(["count", "text"], descending=[True, False])
+        .with_columns(pl.int_range(N_RESERVED, pl.len() + N_RESERVED, dtype=pl.Int32).alias("index"))
+        .select("value", "count", "index")
+    )
 
 
 def _suffix(view: str) -> str:

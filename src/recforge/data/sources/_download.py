@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recforge.data.inputs import note_folder
+
 _CHUNK = 1 << 20
 
 
@@ -49,10 +51,15 @@ def cache_dir(folder: str) -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "recforge") / folder
 
 
-def dataset_dir(folder: str, remotes: Sequence[Remote] = ()) -> Path:
-    """The folder holding data set ``folder``: the local copy if any, else a verified download."""
+def dataset_dir(folder: str, remotes: Sequence[Remote] = (), root: str | Path | None = None) -> Path:
+    """The folder holding data set ``folder``: ``root`` when the caller names one, else the local
+    copy if any, else a verified download. The folder is noted as an input of the store being prepared."""
+    if root is not None:
+        note_folder(Path(root))
+        return Path(root)
     data = os.environ.get("RECFORGE_DATA")
     if data and (Path(data) / folder).is_dir():
+        note_folder(Path(data) / folder)
         return Path(data) / folder
     if not remotes:
         raise FileNotFoundError(
@@ -62,6 +69,7 @@ def dataset_dir(folder: str, remotes: Sequence[Remote] = ()) -> Path:
     for remote in remotes:
         if not remote.present(target):
             _download(remote, target)
+    note_folder(target)
     return target
 
 

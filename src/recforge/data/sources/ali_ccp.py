@@ -52,7 +52,7 @@ def load(
       train, val, test); each row's ``part`` says which.
     - ``max_rows``: read at most this many rows of each part (the head of the file).
     """
-    base = Path(root) if root is not None else dataset_dir("ali-ccp-sample")
+    base = dataset_dir("ali-ccp-sample", root=root)
     if not base.is_dir():
         raise FileNotFoundError(f"Ali-CCP folder not found: {base}")
     if layout == "auto":

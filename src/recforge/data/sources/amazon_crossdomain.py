@@ -45,7 +45,7 @@ def load(pair: str = "sport_cloth", history_len: int = 0, root: str | Path | Non
         raise ValueError(f"unknown pair {pair!r}; known: {', '.join('_'.join(p) for p in PAIRS)}")
     if history_len < 0:
         raise ValueError(f"history_len must be >= 0, got {history_len}")
-    base = Path(root) if root is not None else dataset_dir(FOLDER, [])
+    base = dataset_dir(FOLDER, [], root=root)
     first, second = names
     parts = [read_domain(base / f"{a}_{b}", a) for a, b in ((first, second), (second, first))]
     users = [set(p["user_id"].unique().to_list()) for p in parts]

@@ -47,7 +47,7 @@ def load(name: str = "Beauty", history_len: int = 50, root: str | Path | None = 
         raise ValueError(f"unknown sequence file {name!r}; known: {', '.join(NAMES)}")
     if history_len < 0:
         raise ValueError(f"history_len must be >= 0, got {history_len}")
-    base = Path(root) if root is not None else dataset_dir(FOLDER, [remote(name)])
+    base = dataset_dir(FOLDER, [remote(name)], root=root)
     path = base / f"{name}.txt"
     return RawDataset(frame=read_sequences(path), schema=schema(history_len), origin=str(path))
 

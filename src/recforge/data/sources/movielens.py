@@ -63,10 +63,10 @@ def load(
     if history_len < 0:
         raise ValueError(f"history_len must be >= 0, got {history_len}")
     if variant == "1m":
-        base = Path(root) if root is not None else dataset_dir("movielens-1m", [ML_1M])
+        base = dataset_dir("movielens-1m", [ML_1M], root=root)
         ratings, users, movies, origin = _read_1m(base / ML_1M.name)
     elif variant == "100k":
-        base = Path(root) if root is not None else dataset_dir("movielens-100k", [ML_100K])
+        base = dataset_dir("movielens-100k", [ML_100K], root=root)
         ratings, users, movies, origin = _read_100k(base / "ml-100k")
     else:
         raise ValueError(f"unknown MovieLens variant {variant!r}; known: '1m', '100k'")

@@ -55,12 +55,12 @@ def load(
         raise ValueError(f"movielens cold start: unknown extras {unknown}; known: {list(EXTRA_FIELDS)}")
     if min(title_words_max, extras_max) < 1 or min_item_ratings < 0:
         raise ValueError("movielens cold start: title_words_max and extras_max must be >= 1, min_item_ratings >= 0")
-    base = Path(root) if root is not None else dataset_dir("movielens-1m", [ML_1M])
+    base = dataset_dir("movielens-1m", [ML_1M], root=root)
     archive = base / ML_1M.name
     ratings, users, movies, origin = _read_1m(archive)
     movies = movies.join(_titles(archive, title_words_max), on="item_id", how="left", validate="1:1")
     if extras:
-        folder = Path(extras_root) if extras_root is not None else dataset_dir("movielens-1m-melu-extrainfos", [])
+        folder = dataset_dir("movielens-1m-melu-extrainfos", [], root=extras_root)
         people = _extras(folder / EXTRAS_FILE, extras, extras_max)
         movies = movies.join(people, on="item_id", how="left", validate="1:1").with_columns(
             pl.col(name).fill_null(pl.lit([], dtype=pl.List(pl.String))) for name in extras

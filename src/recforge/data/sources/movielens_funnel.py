@@ -59,7 +59,7 @@ def load(
         raise ValueError(f"exposures_per_user must be >= 1, got {exposures_per_user}")
     if not 0 < click_rate < 1:
         raise ValueError(f"click_rate must lie in (0, 1), got {click_rate}")
-    base = Path(root) if root is not None else dataset_dir("movielens-1m", [ML_1M])
+    base = dataset_dir("movielens-1m", [ML_1M], root=root)
     path = base / ML_1M.name
     ratings, users, movies, origin = _read_1m(path)
     user_ids = np.sort(ratings["user_id"].unique().to_numpy())

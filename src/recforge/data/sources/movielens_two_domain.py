@@ -70,7 +70,7 @@ def load(
         raise ValueError(f"the click task needs negatives >= 1, got {negatives}")
     if target_history_len < 0 or source_history_len < 0:
         raise ValueError("history lengths must be >= 0")
-    base = Path(root) if root is not None else dataset_dir("movielens-1m", [ML_1M])
+    base = dataset_dir("movielens-1m", [ML_1M], root=root)
     ratings, users, movies, origin = _read_1m(base / ML_1M.name)
     movies = with_domains(movies)
     rated = ratings.with_row_index("_file_row").join(
