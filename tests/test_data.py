@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -10,9 +12,10 @@ import pytest
 
 from recforge.data.prepare import DataError, prepare
 from recforge.data.schema import OOV, Feature, Schema
-from recforge.data.sources import RawDataset
+from recforge.data.sources import RawDataset, load_file
 from recforge.data.splits import SplitConfig, assign_splits
 from recforge.data.store import Store, last_window
+from tests.bad_input.files import SCHEMA, log_rows, write_csv
 
 
 def make_schema(history: int = 3) -> Schema:
@@ -215,13 +218,16 @@ def test_float_ids_are_rejected(tmp_path):
 
 def test_missing_categorical_value_names_row(tmp_path):
     frame = make_frame().with_columns(pl.when(pl.int_range(pl.len()) == 17).then(None).otherwise(pl.col("item_id")).alias("item_id"))
-    with pytest.raises(DataError, match="events.csv: column 'item_id', row 17: missing value"):
+    with pytest.raises(DataError, match="events.csv: column 'item_id', line 19: missing value"):
         prepare(raw_with(frame), tmp_path / "s")
+    with pytest.raises(DataError, match="memory: column 'item_id', row 18: missing value"):
+        prepare(RawDataset(frame, make_schema(), "memory"), tmp_path / "s")
 
 
-def test_nan_numeric_names_row(tmp_path):
-    frame = make_frame().with_columns(pl.when(pl.int_range(pl.len()) == 9).then(float("nan")).otherwise(pl.col("x")).alias("x"))
-    with pytest.raises(DataError, match="events.csv: column 'x', row 9: NaN"):
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_numeric_names_line(tmp_path, value):
+    frame = make_frame().with_columns(pl.when(pl.int_range(pl.len()) == 9).then(value).otherwise(pl.col("x")).alias("x"))
+    with pytest.raises(DataError, match=f"events.csv: column 'x', line 11: {value} is not a finite number"):
         prepare(raw_with(frame), tmp_path / "s")
 
 
@@ -233,7 +239,7 @@ def test_text_in_numeric_column_is_rejected(tmp_path):
 
 def test_label_outside_0_1_names_row(tmp_path):
     frame = make_frame().with_columns(pl.when(pl.int_range(pl.len()) == 4).then(2).otherwise(pl.col("click")).alias("click"))
-    with pytest.raises(DataError, match="events.csv: label column 'click', row 4: value 2 is not 0 or 1"):
+    with pytest.raises(DataError, match="events.csv: label column 'click', line 6: value 2 is not 0 or 1"):
         prepare(raw_with(frame), tmp_path / "s")
 
 
@@ -257,3 +263,69 @@ def test_schema_rejects_inconsistent_declarations():
         Schema(features=[Feature(name="a", kind="numeric")] * 2, labels=["y"])
     with pytest.raises(ValueError, match="Extra inputs"):
         Feature(name="a", kind="numeric", colour="red")
+
+
+# --- user files: read by their schema ------------------------------------------------------------
+
+
+def user_log(tmp_path, rows: list[dict], schema: dict = SCHEMA) -> Path:
+    write_csv(tmp_path / "log.csv", rows)
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    return tmp_path / "log.csv"
+
+
+def test_ids_and_numbers_that_change_form_late_are_read_by_the_schema(tmp_path):
+    rows = log_rows()
+    for i, row in enumerate(rows):
+        row["zip"] = f"{i % 30:03d}" if i // 30 % 2 else str(i % 30)  # "007" and "7" are two zip codes
+        row["price"] = 3.5 if i == 550 else int(row["price"])  # whole numbers, then a fraction
+    rows[500]["item_id"] = "i7"  # integers, then text
+    path = user_log(tmp_path, rows)
+    raw = load_file(path, tmp_path / "schema.json")
+    assert raw.inputs == (path, tmp_path / "schema.json")
+    assert dict(raw.frame.schema) == {"user_id": pl.String, "item_id": pl.String, "zip": pl.String, "price": pl.Float64, "click": pl.Int64}
+    assert raw.frame["zip"].n_unique() == 60 and {"007", "7"} <= set(raw.frame["zip"])
+    assert raw.frame["price"][550] == 3.5 and raw.frame["item_id"][500] == "i7"
+    store = prepare(raw, tmp_path / "s", SplitConfig(seed=0))
+    zips = store.vocabulary("zip")["value"].to_list()
+    assert len(zips) == 60 and "007" in zips and "7" in zips
+    assert sum(len(store.split(s)) for s in ("train", "valid", "test")) == len(rows)
+
+
+def test_integer_ids_and_time_when_the_schema_says_so(tmp_path):
+    schema = {**SCHEMA, "time": "t", "features": [{**f, "dtype": "integer"} if f["name"] == "zip" else f for f in SCHEMA["features"]]}
+    rows = [{**row, "t": i} for i, row in enumerate(log_rows(40))]
+    raw = load_file(user_log(tmp_path, rows, schema), schema)
+    assert raw.inputs == (tmp_path / "log.csv",)
+    assert raw.frame["zip"].dtype == pl.Int64 and raw.frame["zip"].n_unique() == 7  # "07" is 7
+    assert raw.frame["t"].dtype == pl.Int64
+    rows[3]["t"] = "2024-01-01"
+    with pytest.raises(DataError, match=r"log\.csv: column 't', line 5: '2024-01-01' is not a number"):
+        load_file(user_log(tmp_path, rows, schema), schema)
+
+
+def test_line_numbers_count_fields_that_span_lines(tmp_path):
+    text = 'user_id,item_id,zip,price,click\n"a\nb",1,07,2.5,1\n"c",2,07,2.5,1\nd,3,07,x,0\n\n\n'
+    (tmp_path / "log.csv").write_text(text)
+    with pytest.raises(DataError, match=r"log\.csv: column 'price', line 5: 'x' is not a number"):
+        load_file(tmp_path / "log.csv", SCHEMA)
+    (tmp_path / "log.csv").write_text(text.replace(",x,", ",3,"))  # blank lines that end the file are ignored
+    assert load_file(tmp_path / "log.csv", SCHEMA).frame["user_id"].to_list() == ["a\nb", "c", "d"]
+
+
+def test_parquet_ids_become_text_unless_declared_integer(tmp_path):
+    frame = pl.DataFrame({"user_id": [1, 2], "item_id": [3.0, 4.0], "zip": ["07", "7"], "price": [1, 2], "click": [0, 1]})
+    frame.write_parquet(tmp_path / "log.parquet")
+    raw = load_file(tmp_path / "log.parquet", SCHEMA).frame
+    assert raw["user_id"].to_list() == ["1", "2"] and raw["item_id"].to_list() == ["3", "4"] and raw["zip"].to_list() == ["07", "7"]
+    integer = {**SCHEMA, "features": [{**f, "dtype": "integer"} if f["kind"] == "categorical" else f for f in SCHEMA["features"]]}
+    raw = load_file(tmp_path / "log.parquet", integer).frame
+    assert raw["user_id"].dtype == raw["item_id"].dtype == raw["zip"].dtype == pl.Int64 and raw["zip"].to_list() == [7, 7]
+
+
+def test_schema_errors_name_the_file_and_key(tmp_path):
+    (tmp_path / "schema.json").write_text(json.dumps({**SCHEMA, "labels": []}))
+    with pytest.raises(DataError, match=r"schema\.json: at least one label is needed"):
+        Schema.load(tmp_path / "schema.json")
+    with pytest.raises(DataError, match=r"^schema: features\.0\.dtype: unknown dtype 'int'"):
+        Schema.parse({"features": [{"name": "a", "kind": "categorical", "dtype": "int"}], "labels": ["y"]})

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from recforge.data.schema import N_RESERVED, OOV, Kind, Schema
-from recforge.data.sources import RawDataset
+from recforge.data.sources import RawDataset, locate
 from recforge.data.splits import SPLITS, SplitConfig, assign_splits
 from recforge.data.store import Store
 from recforge.errors import DataError
@@ -30,7 +30,11 @@ _ID_DTYPES = (pl.String, pl.Categorical, pl.Enum, pl.Boolean)
 
 
 def validate(raw: RawDataset) -> None:
-    """Check that every declared column exists with a usable dtype and no missing values."""
+    """Check that every declared column exists with a usable dtype and no missing values.
+
+    Each problem is a :class:`DataError` naming the origin, the column and where the first bad value
+    is (:func:`recforge.data.sources.locate`: ``line N`` of a CSV file, else ``row N`` from 1).
+    """
     frame, schema, origin = raw.frame, raw.schema, raw.origin
     if frame.height == 0:
         raise DataError(f"{origin}: the table is empty")
@@ -52,7 +56,7 @@ def validate(raw: RawDataset) -> None:
             if not col.dtype.is_numeric():
                 raise DataError(f"{origin}: numeric column {f.name!r} has dtype {col.dtype}")
             _no_nulls(col, origin)
-            _no_nans(col, origin)
+            _all_finite(col, origin)
         elif f.kind is Kind.SEQUENCE:
             if not isinstance(col.dtype, pl.List):
                 raise DataError(
@@ -62,7 +66,7 @@ def validate(raw: RawDataset) -> None:
             bad = col.list.eval(pl.element().is_null()).list.any()
             if bad.any():
                 row = int(bad.arg_true()[0])
-                raise DataError(f"{origin}: sequence column {f.name!r}, row {row}: missing element")
+                raise DataError(f"{origin}: sequence column {f.name!r}, {locate(origin, row)}: missing element")
         elif f.kind is Kind.EMBEDDING:
             if not isinstance(col.dtype, (pl.List, pl.Array)) or not col.dtype.inner.is_numeric():
                 raise DataError(f"{origin}: embedding column {f.name!r} must hold float vectors, got {col.dtype}")
@@ -70,7 +74,9 @@ def validate(raw: RawDataset) -> None:
             lengths = col.list.len() if isinstance(col.dtype, pl.List) else None
             if lengths is not None and (lengths != f.dim).any():
                 row = int((lengths != f.dim).arg_true()[0])
-                raise DataError(f"{origin}: embedding column {f.name!r}, row {row}: length {lengths[row]}, expected {f.dim}")
+                raise DataError(
+                    f"{origin}: embedding column {f.name!r}, {locate(origin, row)}: length {lengths[row]}, expected {f.dim}"
+                )
     for label in schema.labels:
         col = frame[label]
         if not (col.dtype.is_numeric() or col.dtype == pl.Boolean):
@@ -79,7 +85,7 @@ def validate(raw: RawDataset) -> None:
         bad = ~col.cast(pl.Float64).is_in([0.0, 1.0])
         if bad.any():
             row = int(bad.arg_true()[0])
-            raise DataError(f"{origin}: label column {label!r}, row {row}: value {col[row]!r} is not 0 or 1")
+            raise DataError(f"{origin}: label column {label!r}, {locate(origin, row)}: value {col[row]!r} is not 0 or 1")
     for f in schema.histories:
         for column, value in (f.where or {}).items():
             dtype = frame[column].dtype
@@ -95,16 +101,17 @@ def validate(raw: RawDataset) -> None:
         _no_nulls(frame[schema.time], origin)
 
 
-def _no_nulls(col: pl.Series, origin: str, name: str | None = None) -> None:
+def _no_nulls(col: pl.Series, origin: str) -> None:
     if col.null_count():
         row = int(col.is_null().arg_true()[0])
-        raise DataError(f"{origin}: column {name or col.name!r}, row {row}: missing value")
+        raise DataError(f"{origin}: column {col.name!r}, {locate(origin, row)}: missing value")
 
 
-def _no_nans(col: pl.Series, origin: str) -> None:
-    if col.dtype.is_float() and col.is_nan().any():
-        row = int(col.is_nan().arg_true()[0])
-        raise DataError(f"{origin}: column {col.name!r}, row {row}: NaN")
+def _all_finite(col: pl.Series, origin: str) -> None:
+    """No NaN and no infinity in a numeric column."""
+    if col.dtype.is_float() and not col.is_finite().all():
+        row = int((~col.is_finite()).arg_true()[0])
+        raise DataError(f"{origin}: column {col.name!r}, {locate(origin, row)}: {col[row]} is not a finite number")
 
 
 @dataclass

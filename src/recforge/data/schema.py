@@ -11,12 +11,16 @@ it is saved as ``schema.json`` beside the encoded store and inside every exporte
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recforge.errors import DataError
 
 PAD = 0  # index reserved for padding in every vocabulary
 OOV = 1  # index for values unseen in the train split (or below the min-count)
@@ -44,6 +48,11 @@ class Feature(BaseModel):
     - ``key`` and ``dim``: for a pretrained embedding, the categorical feature whose id selects
       the row of the vector table, and the vector's width.
     - ``min_count``: values seen fewer times in the train split map to OOV.
+    - ``dtype``: how the ids of a categorical or list-sequence column are read from a user's file
+      (:func:`recforge.data.sources.load_file`): ``"string"`` (the default) keeps each id as the
+      text of the file, so ``"07"`` and ``"7"`` are two ids (Parquet integers become their decimal
+      text); ``"integer"`` reads them as 64-bit integers, so ``"07"`` and ``"7"`` are one id and
+      a value that is not an integer, or is beyond the 64-bit range, is an error.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -57,6 +66,7 @@ class Feature(BaseModel):
     key: str | None = None
     dim: int | None = None
     min_count: int = 1
+    dtype: Literal["string", "integer"] = "string"
 
     @model_validator(mode="after")
     def _check(self) -> "Feature":
@@ -72,6 +82,8 @@ class Feature(BaseModel):
             raise ValueError(f"embedding feature {self.name!r} needs key and dim")
         if self.min_count < 1:
             raise ValueError(f"feature {self.name!r}: min_count must be >= 1")
+        if self.dtype != "string" and (self.kind not in (Kind.CATEGORICAL, Kind.SEQUENCE) or self.timeline):
+            raise ValueError(f"feature {self.name!r}: only categorical and list-sequence ids take a dtype")
         return self
 
     @property
@@ -194,5 +206,43 @@ class Schema(BaseModel):
         Path(path).write_text(self.model_dump_json(indent=2))
 
     @classmethod
+    def parse(cls, data: object, origin: str = "schema") -> "Schema":
+        """Validate ``data`` (a schema as JSON values); a :class:`DataError` names ``origin`` and each key at fault."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise DataError(f"{origin}: {_problems(err)}") from None
+
+    @classmethod
     def load(cls, path: str | Path) -> "Schema":
-        return cls.model_validate(json.loads(Path(path).read_text()))
+        """Read a schema JSON file; a missing file, invalid JSON or a bad key is a :class:`DataError` naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"schema file not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {err.lineno}, column {err.colno}: invalid JSON ({err.msg})") from None
+        return cls.parse(data, str(path))
+
+
+def _problems(err: ValidationError) -> str:
+    """Each problem of ``err`` as ``key.path: message``, joined by "; "."""
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = e["loc"]
+        if e["type"] == "extra_forbidden":
+            known = list((Feature if loc[0] == "features" else Schema).model_fields)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            message = f"unknown key{hint}; keys: {', '.join(known)}"
+        elif e["type"] == "model_type":
+            message = "expected a JSON object"
+        elif e["type"] in ("enum", "literal_error"):
+            message = f"unknown {loc[-1]} {e['input']!r}; expected {e['ctx']['expected']}"
+        else:
+            message = e["msg"].removeprefix("Value error, ").removeprefix("schema: ")
+        problems.append(": ".join(x for x in (".".join(str(p) for p in loc), message) if x))
+    return "; ".join(problems)
