@@ -106,7 +106,7 @@ def test_column_split_codes_and_history_rows(tmp_path):
 
 def test_column_split_rejects_unknown_values():
     frame = tiny_frame().with_columns(pl.when(pl.int_range(pl.len()) == 7).then(pl.lit("dev")).otherwise("split").alias("split"))
-    with pytest.raises(ValueError, match=r"split column 'split', row 7: 'dev'"):
+    with pytest.raises(ValueError, match=r"table: split column 'split', row 8: 'dev'"):
         assign_splits(frame, tiny_schema(), SplitConfig(kind="column"))
     with pytest.raises(ValueError, match="needs the column 'fold'"):
         assign_splits(frame, tiny_schema(), SplitConfig(kind="column", column="fold"))

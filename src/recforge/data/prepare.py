@@ -153,7 +153,7 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
         view: timeline_view(frame, schema.user, schema.time, _matches(frame, where))
         for view, where in schema.history_views.items()
     }
-    codes = assign_splits(frame, schema, split)
+    codes = assign_splits(frame, schema, split, raw.origin)
     frame = frame.with_columns(pl.Series("_split", codes))
     if fitted is None and not (codes == 0).any():
         raise DataError(f"{raw.origin}: the {split.kind} split left no training rows")

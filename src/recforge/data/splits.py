@@ -10,6 +10,8 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from recforge.data.schema import Schema
+from recforge.data.sources import locate
+from recforge.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 
@@ -65,11 +67,23 @@ class SplitConfig(BaseModel):
         return self
 
 
-def assign_splits(frame: pl.DataFrame, schema: Schema, config: SplitConfig) -> np.ndarray:
-    """Split code per row: 0 train, 1 valid, 2 test, -1 history only -> [N] int8."""
+def assign_splits(frame: pl.DataFrame, schema: Schema, config: SplitConfig, origin: str = "table") -> np.ndarray:
+    """Split code per row: 0 train, 1 valid, 2 test, -1 history only -> [N] int8.
+
+    A table the split cannot divide raises :class:`DataError` naming ``origin`` (the file the rows came from).
+    """
+    try:
+        return _assign(frame, schema, config, origin)
+    except DataError:
+        raise
+    except ValueError as err:
+        raise DataError(f"{origin}: {err}") from None
+
+
+def _assign(frame: pl.DataFrame, schema: Schema, config: SplitConfig, origin: str) -> np.ndarray:
     n = frame.height
     if config.kind == "column":
-        return split_from_column(frame, config.column)
+        return split_from_column(frame, config.column, origin)
     if config.kind == "random":
         order = np.random.default_rng(config.seed).permutation(n)
         return _cut(order, n, config.ratios)
@@ -78,7 +92,7 @@ def assign_splits(frame: pl.DataFrame, schema: Schema, config: SplitConfig) -> n
     if schema.time is None:
         raise ValueError(f"a {config.kind} split needs the schema's time column")
     if config.kind == "cold_start":
-        return _cold_start(frame, schema.time, config)
+        return _cold_start(frame, schema.time, config, origin)
     time = frame[schema.time].to_numpy()
     if config.kind == "temporal":
         train_end, valid_end = np.quantile(time, [config.ratios[0], config.ratios[0] + config.ratios[1]])
@@ -118,7 +132,7 @@ def _cut(order: np.ndarray, n: int, ratios: tuple[float, float, float]) -> np.nd
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2, "history": -1}
 
 
-def split_from_column(frame: pl.DataFrame, column: str) -> np.ndarray:
+def split_from_column(frame: pl.DataFrame, column: str, origin: str = "table") -> np.ndarray:
     """Split codes read from ``column`` (train / valid / test / history) -> [N] int8."""
     if column not in frame.columns:
         raise ValueError(f"a column split needs the column {column!r}; the table has {frame.columns}")
@@ -126,7 +140,7 @@ def split_from_column(frame: pl.DataFrame, column: str) -> np.ndarray:
     bad = ~values.is_in(list(SPLIT_CODES)) | values.is_null()
     if bad.any():
         row = int(bad.arg_true()[0])
-        raise ValueError(f"split column {column!r}, row {row}: {values[row]!r} is not one of {list(SPLIT_CODES)}")
+        raise DataError(f"{origin}: split column {column!r}, {locate(origin, row)}: {values[row]!r} is not one of {list(SPLIT_CODES)}")
     return values.replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy()
 
 
@@ -192,13 +206,13 @@ def _hold_out_cold_users(coded: pl.DataFrame, user: str, domain: str, config: Sp
     return coded.with_columns(pl.when(is_cold_row).then(pl.col("_cold_code")).otherwise(pl.col("_code")).alias("_code"))
 
 
-def _cold_start(frame: pl.DataFrame, time_column: str, config: SplitConfig) -> np.ndarray:
+def _cold_start(frame: pl.DataFrame, time_column: str, config: SplitConfig, origin: str) -> np.ndarray:
     if config.item not in frame.columns:
         raise ValueError(f"cold_start split: item column {config.item!r} is not in the table {frame.columns}")
     time = frame[time_column].to_numpy()
     if len(time) > 1 and (np.diff(time) < 0).any():
         row = int(np.flatnonzero(np.diff(time) < 0)[0]) + 1
-        raise ValueError(f"cold_start split: rows must be in time order; row {row} of column {time_column!r} goes back in time")
+        raise ValueError(f"cold_start split: rows must be in time order; column {time_column!r}, {locate(origin, row)} goes back in time")
     item = frame[config.item].to_numpy()
     count = frame.select(pl.len().over(config.item)).to_series().to_numpy()
     rare = count < config.new_min_count
