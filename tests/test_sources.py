@@ -17,6 +17,7 @@ from recforge.data.schema import Kind
 from recforge.data.sources import RawDataset, SOURCES, load_source
 from recforge.data.sources import _download, amazon_sequential, movielens, synthetic
 from recforge.data.sources._download import Remote, dataset_dir, fetch
+from recforge.errors import DataError
 
 # --- tiny originals ---------------------------------------------------------------------------
 ML1M_RATINGS = (
@@ -236,7 +237,7 @@ def test_dataset_dir_prefers_local_copy(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "movielens-1m").mkdir()
     monkeypatch.setenv("RECFORGE_DATA", str(tmp_path))
     assert dataset_dir("movielens-1m", [movielens.ML_1M]) == tmp_path / "movielens-1m"
-    with pytest.raises(FileNotFoundError, match="RECFORGE_DATA"):
+    with pytest.raises(DataError, match="RECFORGE_DATA"):
         dataset_dir("nowhere")
 
 

@@ -26,6 +26,7 @@ from scipy import sparse
 from torch import Tensor
 
 from recforge.data.store import SplitView, Store
+from recforge.errors import DataError
 
 SIDE_BUCKETS = 24  # log2 buckets of train counts used as derived side features
 _ARRAYS = ("domain_of_code", "ptr", "items", "item_domain", "domain_ptr", "domain_items", "item_count", "user_side", "item_side")
@@ -72,7 +73,7 @@ class DomainInteractions:
         graph = {name: tensors[name].cpu().numpy() if name in tensors else None for name in _GRAPH}
         num_domains = len(arrays["domain_ptr"]) - 1
         if len(domain_names) != num_domains:
-            raise ValueError(f"{len(domain_names)} domain names for an index of {num_domains} domains")
+            raise DataError(f"{len(domain_names)} domain names for an index of {num_domains} domains")
         return cls(
             num_users=(len(arrays["ptr"]) - 1) // num_domains,
             num_items=len(arrays["item_domain"]),
@@ -99,7 +100,7 @@ class DomainInteractions:
         categorical columns kept as side features (each user's / item's first train value)."""
         schema = store.schema
         if schema.user is None or schema.domain is None:
-            raise ValueError(f"{store.path}: cross-domain data needs the schema's user and domain columns")
+            raise DataError(f"{store.path}: cross-domain data needs the schema's user and domain columns")
         train = store.split("train")
         users = train.column(schema.user).astype(np.int64)
         items = train.column(item).astype(np.int64)
@@ -120,7 +121,7 @@ class DomainInteractions:
         if len(mixed):
             vocab_table = store.vocabulary(schema.feature(item).vocab)
             value = vocab_table.filter(vocab_table["index"] == int(items[mixed[0]]))["value"].to_list()
-            raise ValueError(f"{store.path}: item {value} occurs in several domains; qualify item ids with their domain")
+            raise DataError(f"{store.path}: item {value} occurs in several domains; qualify item ids with their domain")
 
         segment = users * num_domains + domains
         keys = np.unique(segment * num_items + items)  # distinct (segment, item), sorted

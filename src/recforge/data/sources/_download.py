@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recforge.data.inputs import note_folder
+from recforge.errors import DataError
 
 _CHUNK = 1 << 20
 
@@ -62,7 +63,7 @@ def dataset_dir(folder: str, remotes: Sequence[Remote] = (), root: str | Path | 
         note_folder(Path(data) / folder)
         return Path(data) / folder
     if not remotes:
-        raise FileNotFoundError(
+        raise DataError(
             f"data set {folder!r} not found: set RECFORGE_DATA to the folder that holds {folder}/"
         )
     target = cache_dir(folder)
@@ -85,7 +86,7 @@ def fetch(url: str, dest: str | Path, sha256: str | None) -> Path:
                 digest.update(chunk)
                 out.write(chunk)
         if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise ValueError(
+            raise DataError(
                 f"sha256 mismatch for {dest.name} downloaded from {url}: "
                 f"expected {sha256}, got {digest.hexdigest()}"
             )
@@ -102,13 +103,13 @@ def check_zip_members(path: str | Path, members: Mapping[str, str]) -> None:
         names = set(archive.namelist())
         for member, expected in members.items():
             if member not in names:
-                raise ValueError(f"{path}: member {member} is missing")
+                raise DataError(f"{path}: member {member} is missing")
             digest = hashlib.sha256()
             with archive.open(member) as f:
                 while chunk := f.read(_CHUNK):
                     digest.update(chunk)
             if digest.hexdigest() != expected.lower():
-                raise ValueError(
+                raise DataError(
                     f"sha256 mismatch for {member} in {path}: "
                     f"expected {expected}, got {digest.hexdigest()}"
                 )

@@ -29,6 +29,7 @@ import polars as pl
 from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset
 from recforge.data.sources._download import dataset_dir
+from recforge.errors import DataError
 
 SPARSE = (
     "101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "210",
@@ -54,7 +55,7 @@ def load(
     """
     base = dataset_dir("ali-ccp-sample", root=root)
     if not base.is_dir():
-        raise FileNotFoundError(f"Ali-CCP folder not found: {base}")
+        raise DataError(f"Ali-CCP folder not found: {base}")
     if layout == "auto":
         layout = "raw" if (base / "sample_skeleton_train.csv").is_file() else "processed"
     if layout == "raw":
@@ -64,7 +65,7 @@ def load(
         names = list(parts) if parts is not None else ["train", "val", "test"]
         frames = [_read_processed(base, p, max_rows) for p in names]
     else:
-        raise ValueError(f"Ali-CCP layout must be 'raw', 'processed' or 'auto', got {layout!r}")
+        raise DataError(f"Ali-CCP layout must be 'raw', 'processed' or 'auto', got {layout!r}")
     frame = pl.concat(frames, how="vertical")
     impossible = (pl.col("click") == 0) & (pl.col("conversion") == 1)
     dropped = frame.filter(impossible).height
@@ -84,19 +85,19 @@ def _read_processed(base: Path, part: str, max_rows: int | None) -> pl.DataFrame
     candidates = [base / f"ali_ccp_{part}.csv", base / f"ali_ccp_{part}_sample.csv"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"Ali-CCP part {part!r} not found: none of {[str(p) for p in candidates]}")
+        raise DataError(f"Ali-CCP part {part!r} not found: none of {[str(p) for p in candidates]}")
     try:
         frame = pl.read_csv(path, n_rows=max_rows, infer_schema_length=10_000)
     except pl.exceptions.PolarsError as e:
-        raise ValueError(f"{path} could not be read: {e}") from e
+        raise DataError(f"{path} could not be read: {e}") from e
     expected = ["click", "purchase", *SPARSE, *(f"D{f}" for f in DENSE)]
     missing = [c for c in expected if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
+        raise DataError(f"{path}: missing column(s) {missing}")
     for column in ["click", "purchase", *SPARSE]:
         if not frame[column].dtype.is_integer():
             row = int(frame[column].cast(pl.Int64, strict=False).is_null().arg_true()[0]) if frame.height else 0
-            raise ValueError(f"{path}: column {column!r}, data row {row + 1}: not an integer id")
+            raise DataError(f"{path}: column {column!r}, data row {row + 1}: not an integer id")
     return frame.select(
         *SPARSE, *(pl.col(f"D{f}").cast(pl.Float32) for f in DENSE),
         pl.col("click").cast(pl.Int8), pl.col("purchase").cast(pl.Int8).alias("conversion"),
@@ -112,20 +113,20 @@ def _read_raw(base: Path, part: str, max_rows: int | None) -> pl.DataFrame:
         bad = values.is_null() | ~values.is_in([0, 1])
         if bad.any():
             line = skeleton["line"][int(bad.arg_true()[0])]
-            raise ValueError(f"{base / f'sample_skeleton_{part}.csv'}, line {line}: {column} is not 0 or 1")
+            raise DataError(f"{base / f'sample_skeleton_{part}.csv'}, line {line}: {column} is not 0 or 1")
     item_side = _features(skeleton.select(pl.col("line").alias("key"), "feature_list"), base / f"sample_skeleton_{part}.csv")
     user_side = _features(
         common.select(pl.col("common_feature_index").alias("key"), "feature_list"), base / f"common_features_{part}.csv"
     )
     unknown = skeleton.join(common.select("common_feature_index"), on="common_feature_index", how="anti")
     if unknown.height:
-        raise ValueError(
+        raise DataError(
             f"{base / f'sample_skeleton_{part}.csv'}, line {unknown['line'][0]}: common_feature_index "
             f"{unknown['common_feature_index'][0]!r} is not in common_features_{part}.csv"
         )
     if common["common_feature_index"].is_duplicated().any():
         dup = common.filter(common["common_feature_index"].is_duplicated())
-        raise ValueError(f"{base / f'common_features_{part}.csv'}, line {dup['line'][0]}: duplicate common_feature_index")
+        raise DataError(f"{base / f'common_features_{part}.csv'}, line {dup['line'][0]}: duplicate common_feature_index")
     users = common.select("common_feature_index", pl.col("common_feature_index").alias("key")).join(
         user_side, on="key", how="left"
     ).drop("key")
@@ -149,21 +150,21 @@ def _read_raw(base: Path, part: str, max_rows: int | None) -> pl.DataFrame:
 def _read_lines(path: Path, columns: tuple[str, ...], max_rows: int | None) -> pl.DataFrame:
     """Comma-separated lines of a raw file (the feature list has no commas), with line numbers."""
     if not path.is_file():
-        raise FileNotFoundError(f"Ali-CCP file not found: {path}")
+        raise DataError(f"Ali-CCP file not found: {path}")
     try:
         lines = pl.read_csv(
             path, has_header=False, separator="\x1e", quote_char=None, new_columns=["text"],
             schema_overrides=[pl.String], n_rows=max_rows,
         )  # fmt: skip
     except pl.exceptions.NoDataError:
-        raise ValueError(f"{path} is empty") from None
+        raise DataError(f"{path} is empty") from None
     lines = lines.with_row_index("line", offset=1).filter(pl.col("text").str.strip_chars() != "")
     if lines.height == 0:
-        raise ValueError(f"{path} is empty")
+        raise DataError(f"{path} is empty")
     split = lines.select("line", pl.col("text").str.strip_chars_end("\r").str.split(","))
     bad = split.filter(pl.col("text").list.len() != len(columns))
     if bad.height:
-        raise ValueError(
+        raise DataError(
             f"{path}, line {bad['line'][0]}: expected {len(columns)} comma-separated fields, found {bad['text'][0].len()}"
         )
     return split.select("line", *(pl.col("text").list.get(i).alias(c) for i, c in enumerate(columns)))
@@ -184,11 +185,11 @@ def _features(lists: pl.DataFrame, path: Path) -> pl.DataFrame:
     )
     bad = long.filter(pl.col("rest").is_null() | pl.col("value").is_null())
     if bad.height:
-        raise ValueError(f"{path}: malformed feature {bad['feature_list'][0]!r} (expected field\\x02id\\x03value)")
+        raise DataError(f"{path}: malformed feature {bad['feature_list'][0]!r} (expected field\\x02id\\x03value)")
     value = pl.col("value").cast(pl.Float32, strict=False)
     bad = long.filter(value.is_null())
     if bad.height:
-        raise ValueError(f"{path}: feature {bad['feature_list'][0]!r} has a non-numeric value")
+        raise DataError(f"{path}: feature {bad['feature_list'][0]!r} has a non-numeric value")
     kept = long.filter(pl.col("field").is_in(SPARSE)).with_columns(value)
     last = kept.group_by("key", "field", maintain_order=True).agg(pl.col("id").last(), pl.col("value").last())
     if last.height == 0:

@@ -25,6 +25,7 @@ import polars as pl
 from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset, history_feature, text_lines
 from recforge.data.sources._download import dataset_dir
+from recforge.errors import DataError
 
 FOLDER = "amazon-crossdomain-disencdr"
 PAIRS = (("sport", "cloth"), ("phone", "electronic"), ("sport", "phone"), ("cloth", "electronic"))
@@ -42,16 +43,16 @@ def load(pair: str = "sport_cloth", history_len: int = 0, root: str | Path | Non
     """
     names = tuple(pair.split("_"))
     if names not in PAIRS:
-        raise ValueError(f"unknown pair {pair!r}; known: {', '.join('_'.join(p) for p in PAIRS)}")
+        raise DataError(f"unknown pair {pair!r}; known: {', '.join('_'.join(p) for p in PAIRS)}")
     if history_len < 0:
-        raise ValueError(f"history_len must be >= 0, got {history_len}")
+        raise DataError(f"history_len must be >= 0, got {history_len}")
     base = dataset_dir(FOLDER, [], root=root)
     first, second = names
     parts = [read_domain(base / f"{a}_{b}", a) for a, b in ((first, second), (second, first))]
     users = [set(p["user_id"].unique().to_list()) for p in parts]
     if users[0] != users[1]:
         only = sorted(users[0] ^ users[1])[:5]
-        raise ValueError(f"{base}: folders {first}_{second} and {second}_{first} must hold the same users; e.g. {only} are in one only")
+        raise DataError(f"{base}: folders {first}_{second} and {second}_{first} must hold the same users; e.g. {only} are in one only")
     frame = pl.concat(parts)
     return RawDataset(frame=frame, schema=schema(history_len), origin=str(base / f"{first}_{second}"))
 
@@ -75,13 +76,13 @@ def read_domain(folder: Path, domain: str) -> pl.DataFrame:
 def read_pairs(path: Path) -> pl.DataFrame:
     """``user<TAB>item<TAB>1`` lines -> columns user_id, item_id (int64); errors name file and line."""
     if not path.is_file():
-        raise FileNotFoundError(f"interaction file not found: {path}")
+        raise DataError(f"interaction file not found: {path}")
     lines = text_lines(path, str(path))
     fields = lines.select("line", pl.col("text").str.split("\t").alias("fields"))
     wrong = fields.filter(pl.col("fields").list.len() != 3)
     if wrong.height:
         line, parts = wrong.row(0)
-        raise ValueError(f"{path}, line {line}: expected 3 tab-separated fields (user, item, 1), got {len(parts)}")
+        raise DataError(f"{path}, line {line}: expected 3 tab-separated fields (user, item, 1), got {len(parts)}")
     ids = fields.select(
         "line",
         pl.col("fields").list.get(0).str.strip_chars().cast(pl.Int64, strict=False).alias("user_id"),
@@ -93,10 +94,10 @@ def read_pairs(path: Path) -> pl.DataFrame:
     for column, raw in (("user_id", "raw_user"), ("item_id", "raw_item")):
         bad = ids.filter(pl.col(column).is_null() | (pl.col(column) < 0))
         if bad.height:
-            raise ValueError(f"{path}, line {bad['line'][0]}: {column} {bad[raw][0]!r} is not a non-negative integer")
+            raise DataError(f"{path}, line {bad['line'][0]}: {column} {bad[raw][0]!r} is not a non-negative integer")
     bad = ids.filter(pl.col("value") != "1")
     if bad.height:
-        raise ValueError(f"{path}, line {bad['line'][0]}: third field {bad['value'][0]!r}; implicit feedback is always 1")
+        raise DataError(f"{path}, line {bad['line'][0]}: third field {bad['value'][0]!r}; implicit feedback is always 1")
     return ids.select("user_id", "item_id")
 
 

@@ -14,6 +14,7 @@ import polars as pl
 from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset, history_feature, text_lines
 from recforge.data.sources._download import Remote, dataset_dir
+from recforge.errors import DataError
 
 FOLDER = "amazon-sequential-s3rec"
 _COMMIT = "2a81540ae18615d88ef88227b0c066e5b74781e5"
@@ -44,9 +45,9 @@ def load(name: str = "Beauty", history_len: int = 50, root: str | Path | None = 
     Columns: user_id, item_id, position (int64); click (int8, always 1).
     """
     if name not in _SHA256:
-        raise ValueError(f"unknown sequence file {name!r}; known: {', '.join(NAMES)}")
+        raise DataError(f"unknown sequence file {name!r}; known: {', '.join(NAMES)}")
     if history_len < 0:
-        raise ValueError(f"history_len must be >= 0, got {history_len}")
+        raise DataError(f"history_len must be >= 0, got {history_len}")
     base = dataset_dir(FOLDER, [remote(name)], root=root)
     path = base / f"{name}.txt"
     return RawDataset(frame=read_sequences(path), schema=schema(history_len), origin=str(path))
@@ -55,16 +56,16 @@ def load(name: str = "Beauty", history_len: int = 50, root: str | Path | None = 
 def read_sequences(path: Path) -> pl.DataFrame:
     """``user item_1 ... item_n`` lines -> rows (user_id, item_id, position, click)."""
     if not path.is_file():
-        raise FileNotFoundError(f"sequence file not found: {path}")
+        raise DataError(f"sequence file not found: {path}")
     lines = text_lines(path, str(path))
     tokens = lines.select("line", pl.col("text").str.extract_all(r"\S+"))
     short = tokens.filter(pl.col("text").list.len() < 2)
     if short.height:
-        raise ValueError(f"{path}, line {short['line'][0]}: a user id and at least one item needed")
+        raise DataError(f"{path}, line {short['line'][0]}: a user id and at least one item needed")
     ids = tokens.select("line", pl.col("text").cast(pl.List(pl.Int64), strict=False).alias("ids"))
     bad = ids.filter(pl.col("ids").list.eval(pl.element().is_null()).list.any())
     if bad.height:
-        raise ValueError(f"{path}, line {bad['line'][0]}: ids must be integers")
+        raise DataError(f"{path}, line {bad['line'][0]}: ids must be integers")
     seqs = ids.select(
         "line",
         pl.col("ids").list.first().alias("user_id"),
@@ -73,7 +74,7 @@ def read_sequences(path: Path) -> pl.DataFrame:
     repeated = seqs.filter(~pl.col("user_id").is_first_distinct())
     if repeated.height:
         line, user = repeated.row(0)[:2]
-        raise ValueError(f"{path}, line {line}: user {user} repeats")
+        raise DataError(f"{path}, line {line}: user {user} repeats")
     return (
         seqs.with_columns(position=pl.int_ranges(0, pl.col("item_id").list.len(), dtype=pl.Int64))
         .explode(["item_id", "position"])

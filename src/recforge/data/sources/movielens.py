@@ -14,6 +14,7 @@ import polars as pl
 from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset, history_feature, text_lines
 from recforge.data.sources._download import Remote, dataset_dir
+from recforge.errors import DataError
 
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 # The publisher's zips were re-packed in the shared copy: the members' hashes are what is checked.
@@ -61,7 +62,7 @@ def load(
     (list[str]); rating (int64, not a feature); timestamp (int64 seconds); click (int8).
     """
     if history_len < 0:
-        raise ValueError(f"history_len must be >= 0, got {history_len}")
+        raise DataError(f"history_len must be >= 0, got {history_len}")
     if variant == "1m":
         base = dataset_dir("movielens-1m", [ML_1M], root=root)
         ratings, users, movies, origin = _read_1m(base / ML_1M.name)
@@ -69,7 +70,7 @@ def load(
         base = dataset_dir("movielens-100k", [ML_100K], root=root)
         ratings, users, movies, origin = _read_100k(base / "ml-100k")
     else:
-        raise ValueError(f"unknown MovieLens variant {variant!r}; known: '1m', '100k'")
+        raise DataError(f"unknown MovieLens variant {variant!r}; known: '1m', '100k'")
 
     frame = (
         ratings.join(users, on="user_id", how="left", validate="m:1", maintain_order="left")
@@ -101,14 +102,14 @@ _RATINGS = {"user_id": pl.Int64, "item_id": pl.Int64, "rating": pl.Int64, "times
 def _read_1m(path: Path) -> _Frames:
     origin = {k: f"{path}:ml-1m/{k}.dat" for k in ("ratings", "users", "movies")}
     if not path.is_file():
-        raise FileNotFoundError(f"MovieLens 1M archive not found: {path}")
+        raise DataError(f"MovieLens 1M archive not found: {path}")
     with zipfile.ZipFile(path) as archive:
         raw = {}
         for name in origin:
             try:
                 raw[name] = archive.read(f"ml-1m/{name}.dat")
             except KeyError:
-                raise ValueError(f"{path}: member ml-1m/{name}.dat is missing") from None
+                raise DataError(f"{path}: member ml-1m/{name}.dat is missing") from None
     ratings = _parse(raw["ratings"], "::", _RATINGS, origin["ratings"])
     users = _parse(
         raw["users"], "::",
@@ -131,7 +132,7 @@ def _read_100k(folder: Path) -> _Frames:
     raw = {}
     for name, file in origin.items():
         if not Path(file).is_file():
-            raise FileNotFoundError(f"MovieLens 100K file not found: {file}")
+            raise DataError(f"MovieLens 100K file not found: {file}")
         raw[name] = Path(file).read_bytes()
     ratings = _parse(raw["ratings"], "\t", _RATINGS, origin["ratings"])
     users = _parse(
@@ -164,7 +165,7 @@ def _parse(raw: bytes, sep: str, columns: dict[str, pl.DataType], origin: str) -
     bad = parts.filter(pl.col("text").list.len() != len(columns))
     if bad.height:
         line, fields = bad.row(0)
-        raise ValueError(
+        raise DataError(
             f"{origin}, line {line}: expected {len(columns)} fields separated by {sep!r}, "
             f"found {len(fields)}"
         )
@@ -177,7 +178,7 @@ def _parse(raw: bytes, sep: str, columns: dict[str, pl.DataType], origin: str) -
         parsed = pl.col(column).str.strip_chars().cast(dtype, strict=False)
         bad = frame.filter(parsed.is_null())
         if bad.height:
-            raise ValueError(
+            raise DataError(
                 f"{origin}, line {bad['line'][0]}: {column} {bad[column][0]!r} is not {dtype}"
             )
         frame = frame.with_columns(parsed)
@@ -193,7 +194,7 @@ def _year(title: pl.Expr) -> pl.Expr:
 def _check_joined(frame: pl.DataFrame, column: str, key: str, origin: str) -> None:
     missing = frame.filter(pl.col(column).is_null())
     if missing.height:
-        raise ValueError(
+        raise DataError(
             f"{origin}: no entry for {key} {missing[key][0]} "
             f"({missing[key].n_unique()} {key}s of the ratings are missing)"
         )

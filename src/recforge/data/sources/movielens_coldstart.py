@@ -26,6 +26,7 @@ from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset, text_lines
 from recforge.data.sources._download import dataset_dir
 from recforge.data.sources.movielens import GENRES_MAX_LEN, ML_1M, _parse, _read_1m
+from recforge.errors import DataError
 
 EXTRAS_FILE = "movies_extrainfos.dat"
 EXTRA_FIELDS = ("director", "writer", "actors")  # columns 7, 8, 9 of the extras file
@@ -52,9 +53,9 @@ def load(
     extras = list(extras or [])
     unknown = sorted(set(extras) - set(EXTRA_FIELDS))
     if unknown:
-        raise ValueError(f"movielens cold start: unknown extras {unknown}; known: {list(EXTRA_FIELDS)}")
+        raise DataError(f"movielens cold start: unknown extras {unknown}; known: {list(EXTRA_FIELDS)}")
     if min(title_words_max, extras_max) < 1 or min_item_ratings < 0:
-        raise ValueError("movielens cold start: title_words_max and extras_max must be >= 1, min_item_ratings >= 0")
+        raise DataError("movielens cold start: title_words_max and extras_max must be >= 1, min_item_ratings >= 0")
     base = dataset_dir("movielens-1m", [ML_1M], root=root)
     archive = base / ML_1M.name
     ratings, users, movies, origin = _read_1m(archive)
@@ -75,7 +76,7 @@ def load(
     for column, key, source in (("gender", "user_id", "users"), ("title_words", "item_id", "movies")):
         missing = frame.filter(pl.col(column).is_null())
         if missing.height:
-            raise ValueError(f"{origin[source]}: no entry for {key} {missing[key][0]}")
+            raise DataError(f"{origin[source]}: no entry for {key} {missing[key][0]}")
     frame = frame.select(*USER_FIELDS, "item_id", "year", "title_words", "genres", *extras, "rating", "timestamp", "click")
     return RawDataset(frame=frame, schema=schema(title_words_max, extras, extras_max), origin=origin["ratings"])
 
@@ -105,15 +106,15 @@ def _titles(archive: Path, max_words: int) -> pl.DataFrame:
 def _extras(path: Path, names: list[str], max_people: int) -> pl.DataFrame:
     """item_id -> one list of people per name in ``names``, read from MeLU's extras file."""
     if not path.is_file():
-        raise FileNotFoundError(f"MovieLens extras file not found: {path}")
+        raise DataError(f"MovieLens extras file not found: {path}")
     lines = text_lines(path.read_bytes(), str(path)).select("line", pl.col("text").str.split("::"))
     bad = lines.filter(pl.col("text").list.len() != 11)
     if bad.height:
-        raise ValueError(f"{path}, line {bad['line'][0]}: expected 11 fields separated by '::', found {bad['text'][0].len()}")
+        raise DataError(f"{path}, line {bad['line'][0]}: expected 11 fields separated by '::', found {bad['text'][0].len()}")
     item = pl.col("text").list.get(0).str.strip_chars().cast(pl.Int64, strict=False)
     bad = lines.filter(item.is_null())
     if bad.height:
-        raise ValueError(f"{path}, line {bad['line'][0]}: MovieID {bad['text'][0][0]!r} is not an integer")
+        raise DataError(f"{path}, line {bad['line'][0]}: MovieID {bad['text'][0][0]!r} is not an integer")
     columns = {
         name: pl.col("text").list.get(6 + EXTRA_FIELDS.index(name))
         .str.replace_all(r"\([^)]*\)", "").str.split(",")
@@ -124,5 +125,5 @@ def _extras(path: Path, names: list[str], max_people: int) -> pl.DataFrame:
     table = lines.select("line", item.alias("item_id"), **columns)
     repeated = table.filter(pl.col("item_id").is_duplicated())
     if repeated.height:
-        raise ValueError(f"{path}, line {repeated['line'][1]}: MovieID {repeated['item_id'][0]} appears twice")
+        raise DataError(f"{path}, line {repeated['line'][1]}: MovieID {repeated['item_id'][0]} appears twice")
     return table.drop("line")

@@ -39,6 +39,7 @@ from recforge.data.sources import RawDataset
 from recforge.data.sources._download import dataset_dir
 from recforge.data.sources.movielens import GENRES_MAX_LEN, ML_1M, SIDE, _read_1m
 from recforge.data.sources.synthetic import intercept_for_rate, sigmoid
+from recforge.errors import DataError
 
 
 
@@ -56,16 +57,16 @@ def load(
 ) -> RawDataset:
     """The semi-synthetic funnel (see the module docstring); ``seed`` draws exposures and labels."""
     if exposures_per_user < 1:
-        raise ValueError(f"exposures_per_user must be >= 1, got {exposures_per_user}")
+        raise DataError(f"exposures_per_user must be >= 1, got {exposures_per_user}")
     if not 0 < click_rate < 1:
-        raise ValueError(f"click_rate must lie in (0, 1), got {click_rate}")
+        raise DataError(f"click_rate must lie in (0, 1), got {click_rate}")
     base = dataset_dir("movielens-1m", [ML_1M], root=root)
     path = base / ML_1M.name
     ratings, users, movies, origin = _read_1m(path)
     user_ids = np.sort(ratings["user_id"].unique().to_numpy())
     item_ids = np.sort(ratings["item_id"].unique().to_numpy())
     if exposures_per_user > len(item_ids):
-        raise ValueError(f"exposures_per_user={exposures_per_user} exceeds the {len(item_ids)} rated movies")
+        raise DataError(f"exposures_per_user={exposures_per_user} exceeds the {len(item_ids)} rated movies")
     u = np.searchsorted(user_ids, ratings["user_id"].to_numpy())  # [R] dense user index
     i = np.searchsorted(item_ids, ratings["item_id"].to_numpy())  # [R] dense item index
     completed = _completion(str(path), rank, mf_steps)  # [U, I] completed ratings
@@ -104,7 +105,7 @@ def load(
     for column, key, where in (("gender", "user_id", "users"), ("genres", "item_id", "movies")):
         if frame[column].null_count():
             missing = frame.filter(pl.col(column).is_null())[key][0]
-            raise ValueError(f"{origin[where]}: no entry for {key} {missing}")
+            raise DataError(f"{origin[where]}: no entry for {key} {missing}")
     frame = frame.select(
         "user_id", "item_id", *SIDE, "genres", "click", "conversion",
         "p_click", "p_cvr", "p_conversion", "would_convert", "completed_rating",

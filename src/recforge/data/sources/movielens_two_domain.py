@@ -40,6 +40,7 @@ from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset
 from recforge.data.sources._download import dataset_dir
 from recforge.data.sources.movielens import GENRES_MAX_LEN, ML_1M, _check_joined, _read_1m
+from recforge.errors import DataError
 
 GROUPS = {
     "A": ("Action", "Adventure", "Sci-Fi", "Fantasy", "War", "Western"),
@@ -65,11 +66,11 @@ def load(
 ) -> RawDataset:
     """The two-domain table (see the module docstring); ``root`` holds ``ml-1m.zip``."""
     if not 0.0 < target_keep <= 1.0:
-        raise ValueError(f"target_keep must be in (0, 1], got {target_keep}")
+        raise DataError(f"target_keep must be in (0, 1], got {target_keep}")
     if click_task and negatives < 1:
-        raise ValueError(f"the click task needs negatives >= 1, got {negatives}")
+        raise DataError(f"the click task needs negatives >= 1, got {negatives}")
     if target_history_len < 0 or source_history_len < 0:
-        raise ValueError("history lengths must be >= 0")
+        raise DataError("history lengths must be >= 0")
     base = dataset_dir("movielens-1m", [ML_1M], root=root)
     ratings, users, movies, origin = _read_1m(base / ML_1M.name)
     movies = with_domains(movies)
@@ -124,7 +125,7 @@ def with_domains(movies: pl.DataFrame) -> pl.DataFrame:
     movies = movies.with_columns(genre=pl.col("genres").list.first())
     unknown = movies.filter(~pl.col("genre").is_in(list(genre_group)) | pl.col("genre").is_null())
     if unknown.height:
-        raise ValueError(f"movie {unknown['item_id'][0]}: first genre {unknown['genre'][0]!r} is in no domain group")
+        raise DataError(f"movie {unknown['item_id'][0]}: first genre {unknown['genre'][0]!r} is in no domain group")
     group = pl.col("genre").replace_strict(genre_group)
     domain = pl.when(group.is_in(TARGET_GROUPS)).then(pl.lit("target")).otherwise(pl.lit("source"))
     return movies.with_columns(group=group, domain=domain)
@@ -182,7 +183,7 @@ def sample_negatives(
         pl.col("n") > pl.col("domain").replace_strict(dict(zip(domains, pool_size.tolist()))) - per_click
     ).join(clicks.select("user_id", "domain").unique(), on=["user_id", "domain"])
     if short.height:
-        raise ValueError(f"user {short['user_id'][0]} has fewer than {per_click} unrated {short['domain'][0]} items")
+        raise DataError(f"user {short['user_id'][0]} has fewer than {per_click} unrated {short['domain'][0]} items")
 
     user = clicks["user_id"].to_numpy()
     domain = (clicks["domain"] == "source").cast(pl.Int64).to_numpy()  # [C] 0 target, 1 source

@@ -43,6 +43,7 @@ import polars as pl
 
 from recforge.data.schema import Feature, Kind, Schema
 from recforge.data.sources import RawDataset, history_feature
+from recforge.errors import DataError
 
 # Standard deviations (over the rows) of the logit's parts, chosen so that the Bayes AUC of
 # click is 0.77-0.79 with the default arguments (see the tests).
@@ -96,18 +97,18 @@ def generate(
         10 ** (1 + i % 4) for i in range(n_fields)
     ]
     if len(sizes) != n_fields:
-        raise ValueError(f"field_vocab_sizes has {len(sizes)} sizes for n_fields={n_fields}")
+        raise DataError(f"field_vocab_sizes has {len(sizes)} sizes for n_fields={n_fields}")
     counts = {"n_rows": n_rows, "n_users": n_users, "n_items": n_items, "n_domains": n_domains,
               "latent_dim": latent_dim, "field_vocab_sizes": min(sizes, default=1)}
     for what, value in counts.items():
         if value < 1:
-            raise ValueError(f"{what} must be >= 1, got {value}")
+            raise DataError(f"{what} must be >= 1, got {value}")
     if n_numeric < 0 or history_len < 0:
-        raise ValueError("n_numeric and history_len must be >= 0")
+        raise DataError("n_numeric and history_len must be >= 0")
     if not (0 < click_rate < 1 and 0 < conversion_rate < 1):
-        raise ValueError("click_rate and conversion_rate must lie in (0, 1)")
+        raise DataError("click_rate and conversion_rate must lie in (0, 1)")
     if selection_bias is not None and not selection_bias >= 0:
-        raise ValueError(f"selection_bias must be >= 0 (or None), got {selection_bias}")
+        raise DataError(f"selection_bias must be >= 0 (or None), got {selection_bias}")
 
     world = np.random.default_rng([seed, 0])  # per-domain and per-field parameters
     draw = np.random.default_rng([seed, 1])  # the rows
