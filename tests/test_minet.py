@@ -19,6 +19,7 @@ from recforge.models.crossdomain.minet import InterestAttention, ItemAttention, 
 from recforge.nn.losses import per_domain_bce
 from recforge.train.optim import Optimizers
 from recforge.train.trainer import TrainConfig, Trainer
+from recforge.errors import DataError
 
 ITEM_FIELDS = ("item_id", "genre")
 MINET_FIELDS = {
@@ -216,7 +217,7 @@ def test_minet_needs_one_interest_and_a_domain_column(store):
     off = {"long_term": False, "short_term_source": False, "short_term_target": False}
     with pytest.raises(ValueError, match="at least one interest"):
         build_model("minet", store.schema, {**MINET_FIELDS, **off})
-    with pytest.raises(KeyError, match="domain 'ads' has no id"):
+    with pytest.raises(DataError, match="domain 'ads' has no id"):
         build_model("minet", store.schema, {**MINET_FIELDS, "target_domain": "ads"})
 
 

@@ -172,10 +172,19 @@ def test_forward_loss_backward(schema, name):
 
 
 def test_build_model_rejects_unknown_config_keys(schema):
-    with pytest.raises(ModelConfigError, match="unknown config keys"):
+    with pytest.raises(ModelConfigError, match=r"^model.params.hiden: not a parameter of deepfm \(did you mean 'hidden'\?\)$"):
         build_model("deepfm", schema, {"hiden": [64]})
+    with pytest.raises(ModelConfigError, match="^model.params.zzz: not a parameter of deepfm; `recforge models` lists them$"):
+        make_config("deepfm", {"zzz": 1})
     model = build_model("dcnv2", schema, {"structure": "parallel", "cross_rank": 4, "hidden": [32]})
     assert model(make_batch(8, seed=0))["click"].shape == (8,)
+
+
+def test_unknown_model_name_suggests_the_closest(schema):
+    with pytest.raises(ModelConfigError, match=r"^model.name: unknown model 'deepfn' \(did you mean 'deepfm'\?\); `recforge models` lists them$"):
+        make_config("deepfn")
+    with pytest.raises(ModelConfigError, match="^model.name: unknown model 'xyzzy'; `recforge models` lists them$"):
+        build_model("xyzzy", schema)
 
 
 def test_every_config_resolves_from_plain_values():
@@ -188,8 +197,10 @@ def test_every_config_resolves_from_plain_values():
 @pytest.mark.parametrize(
     ("name", "params", "error"),
     [
-        ("dcnv2", {"structure": "diagonal"}, r"structure: Input should be 'stacked' or 'parallel' \(got 'diagonal'\)"),
-        ("dnn", {"activation": "swish"}, r"activation: Input should be 'relu', 'gelu'"),
+        ("dcnv2", {"structure": "diagonal"}, r"^model.params.structure: Input should be 'stacked' or 'parallel' \(got 'diagonal'\)$"),
+        ("dnn", {"activation": "swish"}, r"^model.params.activation: Input should be 'relu', 'gelu'"),
+        ("deepfm", {"hidden": "abc"}, r"^model.params.hidden: Input should be a valid list \(got 'abc'\)$"),
+        ("deepfm", {"hidden": [64, "x"]}, r"^model.params.hidden.1: Input should be a valid integer"),
         ("din", {"attention_activation": "swish"}, "attention_activation"),
         ("escm2", {"counterfactual": "ipw"}, "counterfactual"),
         ("chorus_cvr", {"sam_weight": "none"}, "sam_weight"),
@@ -197,18 +208,23 @@ def test_every_config_resolves_from_plain_values():
         ("unicdr", {"user_parts": "all"}, "user_parts"),
         ("unicdr", {"eval_shared_domains": "some"}, "eval_shared_domains"),
         ("gme", {"attributes": ["year"], "variant": "gme_x"}, "variant"),
-        ("fm", {"embedding_dim": 0}, "embedding_dim must be >= 1"),
-        ("esmm", {"conversion_label": "click"}, "click_label and conversion_label must differ"),
-        ("mmoe", {"click_label": "conversion"}, "click_label and conversion_label must differ"),
-        ("shared_bottom", {"domain_weights": [1.0]}, "2 domains but 1 domain_weights"),
-        ("minet", {"long_term": False, "short_term_source": False, "short_term_target": False}, "at least one interest"),
-        ("gme", {}, "attributes must name at least one"),
-        ("gme", {"attributes": ["year"], "cold_loss_weight": 1.5}, r"cold_loss_weight must be in \[0, 1\]"),
+        ("fm", {"embedding_dim": 0}, "^model.params.embedding_dim: must be >= 1, got 0$"),
+        ("esmm", {"conversion_label": "click"}, "^model.params.conversion_label: must differ from click_label, both are 'click'$"),
+        ("mmoe", {"click_label": "conversion"}, "^model.params.conversion_label: must differ from click_label"),
+        ("shared_bottom", {"domain_weights": [1.0]}, "^model.params.domain_weights: 1 weights for 2 domains$"),
+        ("minet", {"long_term": False, "short_term_source": False, "short_term_target": False}, "^model.params.long_term: at least one interest"),
+        ("gme", {}, "^model.params.attributes: must name at least one"),
+        ("gme", {"attributes": ["year"], "cold_loss_weight": 1.5}, r"^model.params.cold_loss_weight: must be in \[0, 1\], got 1.5$"),
     ],
 )
 def test_config_choices_and_cross_field_rules_are_checked(name, params, error):
     with pytest.raises(ModelConfigError, match=error):
         make_config(name, params)
+
+
+def test_a_config_built_in_code_names_the_key():
+    with pytest.raises(ModelConfigError, match="^embedding_dim: must be >= 1, got 0$"):
+        registered()["fm"].config_class(embedding_dim=0)
 
 
 def test_every_model_names_its_paper_and_results_page():
@@ -223,7 +239,7 @@ def test_single_task_models_predict_their_label(schema):
             assert build_model(name, schema).predicted_label == "click"
             model = build_model(name, schema, {"label": "conversion"})
             assert model.predicted_label == "conversion" and set(model(make_batch(4, seed=0))) == {"conversion"}
-    with pytest.raises(ValueError, match="label 'like' is not one of the schema's labels"):
+    with pytest.raises(ModelConfigError, match=r"^model.params.label: dnn predicts 'like', not one of the data's labels \["):
         build_model("dnn", schema, {"label": "like"})
 
 

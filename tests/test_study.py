@@ -107,7 +107,7 @@ def test_spec_mistakes_are_one_line_errors(workdir):
     with pytest.raises(ConfigError, match=r"spec.yaml: variants.0.modle: Extra inputs are not permitted"):
         load_spec(write_spec(workdir, variants=[{"label": "LR", "modle": {"name": "lr"}}], reference=None))
     bad = write_spec(workdir, variants=[{"label": "LR", "model": {"name": "lr", "params": {"embedding_dim": -1}}}])
-    with pytest.raises(ConfigError, match=r"variant 'LR'.*embedding_dim must be >= 1"):
+    with pytest.raises(ConfigError, match=r"variant 'LR'.*model.params.embedding_dim: must be >= 1"):
         plan(load_spec(bad), workdir)
     with pytest.raises(ConfigError, match="unknown protocol 'nope'"):
         plan(load_spec(write_spec(workdir, protocol="nope")), workdir)

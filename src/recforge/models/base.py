@@ -4,7 +4,9 @@ A registered model is an ``nn.Module`` built from ``(schema, config, side)``:
 
 - ``config`` is a dataclass of its hyper-parameters whose defaults follow the paper; its field
   types (``Literal`` choices included) are checked when it is built from plain values, and
-  ``__post_init__`` checks what types cannot say;
+  ``__post_init__`` checks what types cannot say, raising ``ModelConfigError("<field>: <problem>")``;
+  a model's ``__init__`` raises ``ModelConfigError("model.params.<field>: ...")`` for parameters
+  the data's schema cannot serve;
 - ``side`` is the data a model needs beyond its weights (an interaction index, an item graph),
   computed once from the training data by ``side_data(store, config)`` and kept as named
   tensors, so that the model is rebuilt from its saved bundle alone.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recforge.config import did_you_mean, problems
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
 from recforge.errors import ModelConfigError
@@ -45,7 +48,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+            raise ModelConfigError(f"embedding_dim: must be >= 1, got {self.embedding_dim}")
 
 
 class Model(nn.Module):
@@ -121,7 +124,7 @@ class SingleTaskModel(RankingModel):
         super().__init__(schema, config, side)
         label = config.label or schema.labels[0]
         if label not in schema.labels:
-            raise ValueError(f"{type(self).__name__}: label {label!r} is not one of the schema's labels {schema.labels}")
+            raise ModelConfigError(f"model.params.label: {self.registry_name} predicts {label!r}, not one of the data's labels {schema.labels}")
         self.predicted_label = label
 
 
@@ -150,32 +153,28 @@ def registered() -> dict[str, type[Model]]:
 
 
 def model_class(name: str) -> type[Model]:
+    """The model registered as ``name``; an unknown name fails with the closest registered one."""
     models = registered()
     if name not in models:
-        raise ModelConfigError(f"unknown model {name!r}; known: {', '.join(models)}")
+        raise ModelConfigError(f"model.name: unknown model {name!r}{did_you_mean(name, models)}; `recforge models` lists them")
     return models[name]
 
 
 def make_config(name: str, params: dict[str, Any] | None = None) -> Any:
     """The validated config of model ``name``: ``params`` over its defaults, each value checked
-    against its field's type (unknown keys and wrong values fail, naming the key)."""
+    against its field's type; a wrong key or value fails naming it (``model.params.<key>: ...``)."""
     cls = model_class(name)
     known = [f.name for f in dataclasses.fields(cls.config_class)]
-    unknown = sorted(set(params or {}) - set(known))
+    unknown = [key for key in params or {} if key not in known]
     if unknown:
-        raise ModelConfigError(f"model {name!r}: unknown config keys {unknown}; known: {sorted(known)}")
+        raise ModelConfigError("; ".join(
+            f"model.params.{key}: not a parameter of {name}{did_you_mean(key, known) or '; `recforge models` lists them'}"
+            for key in unknown
+        ))  # fmt: skip
     try:
         return pydantic.TypeAdapter(cls.config_class).validate_python(dict(params or {}))
     except pydantic.ValidationError as err:
-        problems = "; ".join(_problem(e) for e in err.errors(include_url=False))
-        raise ModelConfigError(f"model {name!r}: {problems}") from None
-
-
-def _problem(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    given = f" (got {error['input']!r})" if "input" in error and error["type"] != "value_error" else ""
-    return f"{key}: {message}{given}" if key else message
+        raise ModelConfigError(problems(err, "model.params")) from None
 
 
 def build_model(

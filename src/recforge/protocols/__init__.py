@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from recforge.config import ExperimentConfig
+from recforge.config import ConfigError, ExperimentConfig, did_you_mean
 
 _PROTOCOLS: dict[str, type["Protocol"]] = {}
 
@@ -73,5 +73,5 @@ def protocols() -> dict[str, type[Protocol]]:
 def get_protocol(name: str) -> type[Protocol]:
     known = protocols()
     if name not in known:
-        raise ValueError(f"unknown protocol {name!r}; known: {sorted(known)}")
+        raise ConfigError(f"unknown protocol {name!r}{did_you_mean(name, known)}; known: {sorted(known)}")
     return known[name]

@@ -34,6 +34,7 @@ from torch import nn
 from recforge.data.schema import OOV
 from recforge.data.splits import rank_within
 from recforge.data.store import SplitView
+from recforge.errors import ConfigError, DataError
 from recforge.experiment import prepare_store
 from recforge.models import Model, build_model
 from recforge.models.base import make_config, model_class
@@ -80,7 +81,7 @@ def phase_rows(view: SplitView, item: str, shot: int, phases: int) -> tuple[np.n
     unique, counts = np.unique(items[keep], return_counts=True)
     if (counts < phases * shot).any():
         short = unique[counts < phases * shot][0]
-        raise ValueError(f"{view.store.path} split {view.name}: item {short} has fewer than {phases * shot} rows")
+        raise DataError(f"{view.store.path} split {view.name}: item {short} has fewer than {phases * shot} rows")
     order = keep[np.lexsort((rank[keep], items[keep]))]  # by item, then rank
     rows = order.reshape(len(unique), phases, shot).transpose(1, 0, 2)  # [phases, n, shot]
     return unique, np.ascontiguousarray(rows)
@@ -167,9 +168,9 @@ class ColdStart(Protocol):
         config = cell.config
         split = config.data.split
         if split.kind != "cold_start" or "valid" not in split.fit_on:
-            raise ValueError(f"{cell.variant}: data.split needs kind cold_start and fit_on [train, valid] (new items need their own ids)")
+            raise ConfigError(f"{cell.variant}: data.split needs kind cold_start and fit_on [train, valid] (new items need their own ids)")
         if 3 * p.shot != split.warm_rows:
-            raise ValueError(f"{cell.variant}: data.split.warm_rows must be 3 x shot = {3 * p.shot}")
+            raise ConfigError(f"{cell.variant}: data.split.warm_rows must be 3 x shot = {3 * p.shot}")
         train_config = TrainConfig(**{**config.train, "quiet": True})
         if train_config.num_threads:
             torch.set_num_threads(train_config.num_threads)
@@ -179,7 +180,7 @@ class ColdStart(Protocol):
         old_items, old_rows = phase_rows(old_view, p.item, p.shot, 4)
         new_items, new_rows = phase_rows(new_view, p.item, p.shot, 3)
         if (new_items == OOV).any() or np.intersect1d(old_items, new_items).size:
-            raise ValueError(f"{store.path}: new items must have ids of their own (fit the vocabularies on train and valid)")
+            raise ConfigError(f"{store.path}: new items must have ids of their own (fit the vocabularies on train and valid)")
 
         seed_everything(train_config.seed)
         model = build_model(config.model.name, schema, config.model.params, store=store)

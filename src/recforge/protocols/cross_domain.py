@@ -30,6 +30,7 @@ from torch import Tensor
 from recforge.bundle import save_bundle
 from recforge.data.batch import Batch
 from recforge.data.cross_domain import DomainInteractions
+from recforge.errors import ConfigError
 from recforge.evaluate.evaluators import SAMPLED_SHOWN, SampledRanking
 from recforge.experiment import prepare_store
 from recforge.models import Model, build_model
@@ -68,7 +69,7 @@ class SingleDomain(Model, Retriever):
 
     def __init__(self, inner: Model, data: DomainInteractions, domain: int) -> None:
         if not isinstance(inner, Retriever):
-            raise ValueError(f"single_domain: model {inner.registry_name!r} is not a retriever")
+            raise ConfigError(f"single_domain: model {inner.registry_name!r} is not a retriever")
         super().__init__(inner.schema, inner.config)
         self.inner, self.domain = inner, domain
         self.item_feature = inner.item_feature
@@ -148,7 +149,7 @@ class CrossDomain(Protocol):
             return ranking_records(metrics, data.domain_names) + [record("fit", "epochs", metrics["epochs"])]
         unknown = sorted(set(variant.domain_params) - set(data.domain_names))
         if unknown:
-            raise ValueError(f"{cell.variant}: domain_params names unknown domains {unknown}; known: {data.domain_names}")
+            raise ConfigError(f"{cell.variant}: domain_params names unknown domains {unknown}; known: {data.domain_names}")
         records = []
         for d, name in enumerate(data.domain_names):
             seed_everything(train.seed)

@@ -19,6 +19,7 @@ import torch
 
 from recforge.bundle import load_bundle
 from recforge.data.sources import load_source
+from recforge.errors import DataError, ModelConfigError
 from recforge.evaluate.metrics import entire_space_cvr_report
 from recforge.experiment import prepare_store, run
 from recforge.models.capabilities import Funnel
@@ -37,9 +38,9 @@ class EntireSpaceCVR(Protocol):
         raw = load_source(config.data.source, **config.data.options)
         missing = [c for c in TRUTH if c not in raw.frame.columns]
         if missing:
-            raise ValueError(f"{raw.origin}: the entire_space_cvr protocol needs the truth columns {missing} of every exposure")
+            raise DataError(f"{raw.origin}: the entire_space_cvr protocol needs the truth columns {missing} of every exposure")
         truth = raw.frame.select("click", *TRUTH)
-        metrics = run(config, out, store_root=cell.store_root)
+        metrics = run(config, out, overwrite=True, store_root=cell.store_root)  # the engine claimed the folder
         scores = entire_space(config, out / "model", cell.store_root, truth)
         return metric_records(metrics) + [record("test", name, value) for name, value in scores.items()]
 
@@ -50,7 +51,7 @@ def entire_space(config, bundle: Path, store_root: Path, truth: pl.DataFrame) ->
     store = prepare_store(config.data, store_root)
     model = load_bundle(bundle)
     if not isinstance(model, Funnel) or model.funnel_labels() is None:
-        raise ValueError(f"model {config.model.name!r} predicts no click -> conversion funnel")
+        raise ModelConfigError(f"model {config.model.name!r} predicts no click -> conversion funnel")
     click_label, conversion_label = model.funnel_labels()
     view = store.split("test")
     p_cvr = torch.cat([model.predict(model(b))[conversion_label] for b in view.batches(65536)]).numpy()

@@ -29,4 +29,4 @@ class Standard(Protocol):
     name = "standard"
 
     def run(self, cell: Cell, out: Path) -> list[dict[str, Any]]:
-        return metric_records(run(cell.config, out, store_root=cell.store_root))
+        return metric_records(run(cell.config, out, overwrite=True, store_root=cell.store_root))  # the engine claimed the folder

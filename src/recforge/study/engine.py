@@ -21,10 +21,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from recforge.config import ConfigError, ExperimentConfig, apply_overrides, problems
+from recforge.config import ConfigError, ExperimentConfig, apply_overrides, problems, read_mapping, resolve
+from recforge.errors import RecforgeError
 from recforge.files import write_atomic
 from recforge.protocols import Cell, get_protocol
 from recforge.study import runs
@@ -51,15 +51,12 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def plan(spec: StudySpec, folder: Path) -> list[PlannedRun]:
     """Every cell of the grid, in run order: seed by seed, so that an early stop leaves whole tables."""
-    from recforge.models.base import make_config
-    from recforge.train.trainer import TrainConfig
-
     try:
         protocol = get_protocol(spec.protocol)
         params = protocol.Params.model_validate(spec.params)
     except ValidationError as err:
         raise ConfigError(f"{spec.name}: params: {problems(err)}") from None
-    except ValueError as err:
+    except RecforgeError as err:
         raise ConfigError(f"{spec.name}: {err}") from None
     # (label, the data set it copies, its data section, its group, its overrides)
     datasets: list[tuple[str, str, dict[str, Any], dict[str, str], list[str]]] = []
@@ -80,23 +77,22 @@ def plan(spec: StudySpec, folder: Path) -> list[PlannedRun]:
                     continue
                 raw: dict[str, Any] = copy.deepcopy(spec.defaults)
                 if variant.config:
-                    config_path = folder / variant.config
-                    if not config_path.exists():
-                        raise ConfigError(f"{config_path}: no such config file (variant {variant.label!r})")
-                    raw = _merge(raw, yaml.safe_load(config_path.read_text()) or {})
+                    variant_config = read_mapping(folder / variant.config, [], f"no such config file (variant {variant.label!r})",
+                                                  "a config is a mapping of sections (name, data, model, train)")  # fmt: skip
+                    raw = _merge(raw, variant_config)
                 raw = _merge(raw, data)
                 raw = _merge(raw, {k: v for k, v in (("data", variant.data), ("model", variant.model), ("train", variant.train)) if v})
                 raw["name"] = f"{spec.name}-{runs.slug(label or 'data')}-{runs.slug(variant.label)}-seed{seed}"
-                apply_overrides(raw, [*variant.set, *spec.set, *sweep_set, *(f"{key}={seed}" for key in spec.seed_keys)])
                 try:
+                    apply_overrides(raw, [*variant.set, *spec.set, *sweep_set, *(f"{key}={seed}" for key in spec.seed_keys)])
                     config = ExperimentConfig.model_validate(raw)
-                    model = dataclasses.asdict(make_config(config.model.name, config.model.params))
-                    train = dataclasses.asdict(TrainConfig(**config.train))
+                    model_config, train_config = resolve(config)
                     extra = protocol.VariantParams.model_validate(variant.params).model_dump(mode="json")
                 except ValidationError as err:
                     raise ConfigError(f"{spec.name}: variant {variant.label!r}, data set {label!r}: {problems(err)}") from None
-                except (ValueError, TypeError) as err:
+                except RecforgeError as err:
                     raise ConfigError(f"{spec.name}: variant {variant.label!r}, data set {label!r}: {err}") from None
+                model, train = dataclasses.asdict(model_config), dataclasses.asdict(train_config)
                 shape = {
                     "protocol": [spec.protocol, params.model_dump(mode="json")],
                     "data": config.data.model_dump(mode="json", exclude={"store"}),

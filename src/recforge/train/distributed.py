@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from recforge.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -65,6 +67,21 @@ def _shutdown() -> None:
         # without an active exception"). Collect them while the interpreter is whole.
         gc.collect()
         dist.destroy_process_group()
+
+
+def check_device(device: str) -> str:
+    """``device`` when torch can train on it on this machine; otherwise a ConfigError saying what to use."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"{device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{device!r} was asked for but torch sees no CUDA device here; use 'cpu'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"{device!r} was asked for but torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def device_for(context: DistContext, device: str) -> torch.device:

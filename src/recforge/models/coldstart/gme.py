@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
+from recforge.errors import ModelConfigError
 from recforge.models.base import Model, ModelConfig, RankingModel, SingleTaskModel, detached, register
 from recforge.models.capabilities import EmbeddingGenerator, NeedsProtocol
 from recforge.models.features import FeatureEmbedding
@@ -85,11 +86,11 @@ class GMEConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.attributes:
-            raise ValueError("attributes must name at least one item attribute field")
+            raise ModelConfigError("attributes: must name at least one item attribute field")
         if self.num_neighbours < 1:
-            raise ValueError(f"num_neighbours must be >= 1, got {self.num_neighbours}")
+            raise ModelConfigError(f"num_neighbours: must be >= 1, got {self.num_neighbours}")
         if not 0.0 <= self.cold_loss_weight <= 1.0:
-            raise ValueError(f"cold_loss_weight must be in [0, 1], got {self.cold_loss_weight}")
+            raise ModelConfigError(f"cold_loss_weight: must be in [0, 1], got {self.cold_loss_weight}")
 
 
 def attribute_fields(schema: Schema, attributes: list[str]) -> tuple[list[str], list[str]]:
@@ -98,7 +99,7 @@ def attribute_fields(schema: Schema, attributes: list[str]) -> tuple[list[str], 
     lists = [a for a in attributes if schema.feature(a).kind is Kind.SEQUENCE]
     unsupported = set(attributes) - set(categorical) - set(lists)
     if unsupported:
-        raise ValueError(f"GME: attribute fields must be categorical or list features, not {sorted(unsupported)}")
+        raise ModelConfigError(f"model.params.attributes: gme reads categorical or list features, not {sorted(unsupported)}")
     return categorical, lists
 
 

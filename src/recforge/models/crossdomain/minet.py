@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
+from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
 from recforge.models.features import FeatureEmbedding
 from recforge.nn.losses import per_domain_bce
@@ -143,7 +144,7 @@ class MiNetConfig(SingleTaskConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (self.long_term or self.short_term_source or self.short_term_target):
-            raise ValueError("at least one interest must be on")
+            raise ModelConfigError("long_term: at least one interest (long_term, short_term_source, short_term_target) must be on")
 
 
 @register("minet")
@@ -155,16 +156,16 @@ class MiNet(SingleTaskModel):
     def __init__(self, schema: Schema, config: MiNetConfig, side: dict[str, Tensor] | None = None) -> None:
         super().__init__(schema, config, side)
         if schema.domain is None:
-            raise ValueError("minet: the schema needs a domain column")
+            raise ModelConfigError("model.name: minet needs data with a domain column; this schema has none")
         self.target_id = schema.domain_id(config.target_domain)
         self.source_id = schema.domain_id(config.source_domain)
-        for name in config.target_history + config.source_history:
-            if schema.feature(name).kind is not Kind.SEQUENCE:
-                raise ValueError(f"minet: history {name!r} must be a sequence feature")
-        for histories in (config.target_history, config.source_history):
+        for key, histories in (("target_history", config.target_history), ("source_history", config.source_history)):
+            for name in histories:
+                if schema.feature(name).kind is not Kind.SEQUENCE:
+                    raise ModelConfigError(f"model.params.{key}: minet reads sequence features, {name!r} is not one")
             vocabs = [schema.feature(n).vocab for n in histories]
             if vocabs != [schema.feature(n).vocab for n in config.item_fields]:
-                raise ValueError(f"minet: history {histories} must list the vocabularies of item_fields {config.item_fields}")
+                raise ModelConfigError(f"model.params.{key}: {histories} must list the vocabularies of item_fields {config.item_fields}")
         self.interests = [
             name
             for name, on in (("long_term", config.long_term), ("source", config.short_term_source), ("target", config.short_term_target))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
+from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
 from recforge.models.features import FeatureEmbedding
 from recforge.nn.losses import per_domain_bce
@@ -38,7 +39,7 @@ class SharedBottomConfig(SingleTaskConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.domain_weights is not None and len(self.domain_weights) != len(self.domains):
-            raise ValueError(f"{len(self.domains)} domains but {len(self.domain_weights)} domain_weights")
+            raise ModelConfigError(f"domain_weights: {len(self.domain_weights)} weights for {len(self.domains)} domains")
 
 
 @register("shared_bottom")
@@ -50,7 +51,7 @@ class SharedBottom(SingleTaskModel):
     def __init__(self, schema: Schema, config: SharedBottomConfig, side: dict[str, Tensor] | None = None) -> None:
         super().__init__(schema, config, side)
         if schema.domain is None:
-            raise ValueError("shared_bottom: the schema needs a domain column")
+            raise ModelConfigError("model.name: shared_bottom needs data with a domain column; this schema has none")
         weights = config.domain_weights or [1.0] * len(config.domains)
         self.domain_ids = [schema.domain_id(d) for d in config.domains]
         self.weights = dict(zip(self.domain_ids, weights))

@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from recforge.data.batch import Batch
 from recforge.data.cross_domain import DomainInteractions
 from recforge.data.schema import Schema
+from recforge.errors import ModelConfigError
 from recforge.models.base import Model, ModelConfig, detached, register
 from recforge.models.capabilities import NeedsProtocol, Retriever
 from recforge.nn.experts import MixtureOfExperts
@@ -174,7 +175,7 @@ class UniCDR(Model, Retriever, NeedsProtocol):
     def __init__(self, schema: Schema, config: UniCDRConfig, side: dict[str, Tensor] | None = None) -> None:
         super().__init__(schema, config, side)
         if schema.domain is None:
-            raise ValueError("unicdr: the schema needs a domain column")
+            raise ModelConfigError("model.name: unicdr needs data with a domain column; this schema has none")
         d = config.embedding_dim
         self.user_index = schema.categorical_index(config.user_feature)
         self.item_index = schema.categorical_index(config.item_feature)

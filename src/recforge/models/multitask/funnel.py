@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
+from recforge.errors import ModelConfigError
 from recforge.models.base import ModelConfig, RankingModel
 from recforge.models.capabilities import Funnel
 from recforge.models.features import FeatureEmbedding
@@ -30,7 +31,7 @@ class FunnelConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.click_label == self.conversion_label:
-            raise ValueError(f"click_label and conversion_label must differ, both are {self.click_label!r}")
+            raise ModelConfigError(f"conversion_label: must differ from click_label, both are {self.click_label!r}")
 
 
 class FunnelModel(RankingModel, Funnel):
@@ -38,9 +39,9 @@ class FunnelModel(RankingModel, Funnel):
 
     def __init__(self, schema: Schema, config: FunnelConfig, side: dict[str, Tensor] | None = None) -> None:
         super().__init__(schema, config, side)
-        for label in (config.click_label, config.conversion_label):
+        for key, label in (("click_label", config.click_label), ("conversion_label", config.conversion_label)):
             if label not in schema.labels:
-                raise ValueError(f"{self.registry_name}: label {label!r} is not one of the schema's labels {schema.labels}")
+                raise ModelConfigError(f"model.params.{key}: {self.registry_name} predicts {label!r}, not one of the data's labels {schema.labels}")
 
     def funnel_labels(self) -> tuple[str, str]:
         return self.config.click_label, self.config.conversion_label

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
+from recforge.errors import ModelConfigError
 from recforge.models.base import ModelConfig, RankingModel, register
 from recforge.models.capabilities import Funnel
 from recforge.models.features import FeatureEmbedding
@@ -47,7 +48,7 @@ class MMoEConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.click_label == self.conversion_label:
-            raise ValueError(f"click_label and conversion_label must differ, both are {self.click_label!r}")
+            raise ModelConfigError(f"conversion_label: must differ from click_label, both are {self.click_label!r}")
 
 
 @register("mmoe")
@@ -61,7 +62,7 @@ class MMoE(RankingModel, Funnel):
         self.labels = list(config.labels or schema.labels)
         unknown = [label for label in self.labels if label not in schema.labels]
         if unknown:
-            raise ValueError(f"mmoe: labels {unknown} are not among the schema's labels {schema.labels}")
+            raise ModelConfigError(f"model.params.labels: mmoe predicts {unknown}, not among the data's labels {schema.labels}")
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         in_dim = self.embedding.flat_dim
         self.moe = MixtureOfExperts(

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
+from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
 from recforge.models.features import FeatureEmbedding
 from recforge.nn.attention import TargetAttention
@@ -55,9 +56,9 @@ class DIN(SingleTaskModel):
         super().__init__(schema, config, side)
         history, target = schema.feature(config.history), schema.feature(config.target)
         if history.kind is not Kind.SEQUENCE or target.kind is not Kind.CATEGORICAL or history.vocab != target.vocab:
-            raise ValueError(
-                f"din: history {config.history!r} must be a sequence and target {config.target!r} a "
-                "categorical feature of the same vocabulary"
+            raise ModelConfigError(
+                f"model.params.history: din needs history {config.history!r} a sequence and target {config.target!r} "
+                "a categorical feature of the same vocabulary"
             )
         self.target_index = schema.categorical_index(config.target)
         self.other_sequences = [i for i, f in enumerate(schema.sequences) if f.name != config.history]

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
+from recforge.errors import ModelConfigError
 from recforge.models.base import Model, ModelConfig, detached, register
 from recforge.models.capabilities import Retriever
 from recforge.models.features import FeatureEmbedding
@@ -94,16 +95,16 @@ class TwoTower(Model, Retriever):
         user = [schema.feature(name) for name in config.user_features]
         bad = [f.name for f in user if f.kind not in (Kind.CATEGORICAL, Kind.NUMERIC)]
         if bad:
-            raise ValueError(f"two_tower: user_features {bad} must be categorical or numeric features")
+            raise ModelConfigError(f"model.params.user_features: two_tower reads categorical or numeric features, not {bad}")
         self.user_categorical = [schema.categorical_index(f.name) for f in user if f.kind is Kind.CATEGORICAL]
         numeric = [f.name for f in schema.numeric]
         self.user_numeric = [numeric.index(f.name) for f in user if f.kind is Kind.NUMERIC]
         self.history = config.history if config.history in {f.name for f in schema.sequences} else None
         item = schema.feature(config.item_feature)
         if item.kind is not Kind.CATEGORICAL:
-            raise ValueError(f"two_tower: item_feature {config.item_feature!r} must be a categorical feature")
+            raise ModelConfigError(f"model.params.item_feature: two_tower needs a categorical feature, {config.item_feature!r} is not one")
         if self.history is not None and schema.feature(self.history).vocab != item.vocab:
-            raise ValueError(f"two_tower: history {self.history!r} must share the vocabulary of {item.name!r}")
+            raise ModelConfigError(f"model.params.history: two_tower needs {self.history!r} to share the vocabulary of {item.name!r}")
         self.item_index = schema.categorical_index(item.name)
         self.item_vocab = item.vocab
         self.num_items = schema.vocab_size(item.vocab)
