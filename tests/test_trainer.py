@@ -23,6 +23,7 @@ from torch import nn
 from recforge.data.prepare import prepare
 from recforge.data.sources.synthetic import generate
 from recforge.data.store import Store
+from recforge.errors import ConfigError, RunError
 from recforge.models import Model, build_model
 from recforge.models.features import FeatureEmbedding
 from recforge.train import trainer as trainer_module
@@ -141,8 +142,26 @@ def test_resume_after_kill_matches_unbroken_run(store, unbroken, tmp_path):
 
 def test_resume_refuses_changed_settings(store, unbroken):
     out, _, _ = unbroken
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(RunError, match=r"last: cannot resume: train.batch_size was 128, now 64$"):
         Trainer(small_model(store), store, small_config(batch_size=64), out).fit(resume=True)
+    with pytest.raises(RunError, match=r"last: cannot resume: train.mode was 'max', now 'min'$"):
+        Trainer(small_model(store), store, small_config(mode="min"), out).fit(resume=True)
+    seed_everything(0)
+    wider = build_model("deepfm", store.schema, {"hidden": [32], "embedding_dim": 16, "dropout": 0.1})
+    with pytest.raises(RunError, match=r"last: cannot resume: model.params.embedding_dim was 8, now 16$"):
+        Trainer(wider, store, small_config(), out).fit(resume=True)
+
+
+def test_resume_without_a_checkpoint_is_refused(store, tmp_path):
+    with pytest.raises(RunError, match="no checkpoint to resume from"):
+        Trainer(small_model(store), store, small_config(), tmp_path).fit(resume=True)
+
+
+def test_a_misspelled_monitor_fails_before_the_first_step(store, tmp_path):
+    trainer = Trainer(kill_after(small_model(store), 0), store, small_config(monitor="valid_auc"), tmp_path)
+    with pytest.raises(ConfigError, match=r"train.monitor: 'valid_auc' is not a validation metric; choose one of \["):
+        trainer.fit()  # a training step would raise Killed
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_early_stopping_restores_best_weights(store, tmp_path):

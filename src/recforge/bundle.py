@@ -10,7 +10,10 @@ model/
   normalisers.json    the numeric normalisers
 ```
 
-:func:`load_bundle` rebuilds the model from these files alone: no store, no training data.
+:func:`load_bundle` rebuilds the model from these files alone: no store, no training data. A
+bundle is replaced as one unit, ``model.json`` last, like a checkpoint (see
+:mod:`recforge.train.checkpoint`): at every instant ``model/`` or ``model.old/`` is complete.
+Unreadable files fail as :class:`~recforge.errors.CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -20,36 +23,43 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from recforge.data.schema import Schema
 from recforge.data.store import Store
+from recforge.errors import CheckpointError
 from recforge.models import Model, build_model
+from recforge.train.checkpoint import find_complete, install_directory, read_json, read_tensors, stage_directory
 
 WEIGHTS, SIDE, SPEC = "model.safetensors", "side.safetensors", "model.json"
 
 
 def save_bundle(model: Model, store: Store, path: Path) -> None:
     """Write the bundle of ``model`` (trained on ``store``) to ``path``, replacing what was there."""
-    staging = path.with_name(path.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = stage_directory(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, staging / WEIGHTS)
     if model.side:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.side.items()}, staging / SIDE)
-    spec = {"name": model.registry_name, "params": dataclasses.asdict(model.config)}
-    (staging / SPEC).write_text(json.dumps(spec, indent=2))
     store.schema.save(staging / "schema.json")
     shutil.copytree(store.path / "vocab", staging / "vocab")
     shutil.copy(store.path / "normalisers.json", staging / "normalisers.json")
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
+    spec = {"name": model.registry_name, "params": dataclasses.asdict(model.config)}
+    install_directory(staging, path, SPEC, json.dumps(spec, indent=2))
+
+
+def bundle_folder(path: Path) -> Path:
+    """The complete bundle saved at ``path``: ``path`` itself, or the ``model.old`` a killed save left."""
+    found = find_complete(path, SPEC)
+    if found is None:
+        raise CheckpointError(f"{path}: no model bundle (no {SPEC})")
+    return found
 
 
 def load_bundle(path: Path) -> Model:
-    """The model of the bundle at ``path``, in eval mode."""
-    spec = json.loads((path / SPEC).read_text())
-    side = load_file(path / SIDE) if (path / SIDE).exists() else {}
-    model = build_model(spec["name"], Schema.load(path / "schema.json"), spec["params"], side=side)
-    model.load_state_dict(load_file(path / WEIGHTS))
+    """The model of the bundle at ``path`` (or of the ``model.old`` a killed save left), in eval mode."""
+    found = bundle_folder(path)
+    spec = read_json(found / SPEC)
+    side = read_tensors(found / SIDE) if (found / SIDE).exists() else {}
+    model = build_model(spec["name"], Schema.load(found / "schema.json"), spec["params"], side=side)
+    model.load_state_dict(read_tensors(found / WEIGHTS))
     return model.eval()

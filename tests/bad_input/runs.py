@@ -1,3 +1,76 @@
 """Mistakes with run folders, checkpoints and bundles."""
 
-CASES = []
+from __future__ import annotations
+
+import json
+import random
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.bad_input import Case
+from tests.bad_input.files import trained_run, user_files
+
+RESUME = ("train", "mine.yaml", "--out", "run", "--resume")
+SAFETENSORS = "not a readable safetensors file (Error while deserializing header: {})"
+
+
+def damaged(name: str, damage: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    """A finished run whose file ``run/<name>`` the user damaged with ``damage(bytes) -> bytes``."""
+
+    def files(folder: Path) -> None:
+        trained_run(folder)
+        path = folder / "run" / name
+        path.write_bytes(damage(path.read_bytes()))
+
+    return files
+
+
+def locked(folder: Path) -> None:
+    """The user's files and ``run/``, locked by a process that is alive (pid 1 always is)."""
+    user_files(folder)
+    (folder / "run").mkdir()
+    (folder / "run" / ".lock").write_text(json.dumps({"pid": 1, "host": socket.gethostname()}))
+
+
+def half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def noise(data: bytes) -> bytes:
+    return random.Random(0).randbytes(len(data))
+
+
+CASES = [
+    Case("runs", "train again into the folder of a finished run", trained_run, ("train", "mine.yaml", "--out", "run"),
+         "run: already holds a run (config.yaml, metrics.json, report.md, metrics.jsonl, model, last, best); "
+         "pass --overwrite to delete its outputs first, or --resume to continue it"),
+    Case("runs", "--resume into a folder without a checkpoint", user_files, RESUME,
+         "run: no checkpoint to resume from; train without --resume to start afresh"),
+    Case("runs", "--resume and --overwrite together", trained_run, (*RESUME, "--overwrite"),
+         "--resume continues the run in the folder and --overwrite deletes it: pass one of them"),
+    Case("runs", "--resume with another monitor", trained_run, (*RESUME, "--set", "train.monitor=valid_click_logloss"),
+         "run/last: cannot resume: train.monitor was None, now 'valid_click_logloss'"),
+    Case("runs", "--resume with another split seed", trained_run, (*RESUME, "--set", "data.split.seed=1"),
+         "run/last: cannot resume: data.split.seed was 0, now 1"),
+    Case("runs", "--resume with another model parameter", trained_run, (*RESUME, "--set", "model.params.embedding_dim=8"),
+         "run/last: cannot resume: model.params.embedding_dim was 16, now 8"),
+    Case("runs", "--resume with another learning rate", trained_run, (*RESUME, "--set", "train.lr=0.01"),
+         "run/last: cannot resume: train.lr was 0.001, now 0.01"),
+    Case("runs", "a monitor that is not a validation metric", user_files,
+         ("train", "mine.yaml", "--out", "run", "--set", "train.monitor=valid_auc"),
+         "train.monitor: 'valid_auc' is not a validation metric; "
+         "choose one of ['valid_click_auc', 'valid_click_logloss', 'valid_click_gauc']"),
+    Case("runs", "evaluate a run whose model.safetensors is truncated", damaged("model/model.safetensors", half),
+         ("evaluate", "run"), "run/model/model.safetensors: " + SAFETENSORS.format("incomplete metadata, file not fully covered")),
+    Case("runs", "evaluate a run whose model.safetensors is empty", damaged("model/model.safetensors", lambda _: b""),
+         ("evaluate", "run"), "run/model/model.safetensors: " + SAFETENSORS.format("header too small")),
+    Case("runs", "evaluate a run whose model.safetensors is random bytes", damaged("model/model.safetensors", noise),
+         ("evaluate", "run"), "run/model/model.safetensors: " + SAFETENSORS.format("header too large")),
+    Case("runs", "--resume from a truncated optimizer.safetensors", damaged("last/optimizer.safetensors", half), RESUME,
+         "run/last/optimizer.safetensors: " + SAFETENSORS.format("invalid header length")),
+    Case("runs", "--resume from a truncated state.json", damaged("last/state.json", lambda data: data[:40]), RESUME,
+         "run/last/state.json: not a readable JSON file (Expecting ',' delimiter: line 4 column 14 (char 40))"),
+    Case("runs", "train into a folder another live process is writing", locked, ("train", "mine.yaml", "--out", "run"),
+         "run: another process (pid 1) is writing this run folder; wait for it to end or choose another --out"),
+]  # fmt: skip

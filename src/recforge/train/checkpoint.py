@@ -7,10 +7,19 @@ A checkpoint is a directory::
     state.json              {"state": caller's JSON state, "optimizer": the optimiser state's
                             structure, its tensors replaced by references into the file above}
 
-It is written as one unit: the files go to ``<name>.tmp`` beside it, are flushed to disk, and
-the directory takes the place of the previous one by ``os.replace`` (the previous one is first
-renamed ``<name>.old`` and removed last). A process killed at any moment leaves either the new
-checkpoint or the previous one, which :func:`find_checkpoint` picks up.
+A directory that marks a state (a checkpoint, a model bundle) is replaced as one unit. Its files
+are written to ``<name>.tmp`` beside it and flushed to disk, its marker file (``state.json``)
+last; then :func:`install_directory`
+
+1. renames a complete ``<name>`` to ``<name>.old``, discarding an older ``<name>.old`` first
+   (when ``<name>`` is absent, a killed save left ``<name>.old`` as the complete one: it stays);
+2. renames ``<name>.tmp`` to ``<name>``;
+3. discards ``<name>.old``.
+
+A directory is discarded by renaming it ``<name>.trash`` before deleting it, so a half-deleted
+one is never taken for complete. At every instant ``<name>`` or ``<name>.old`` is complete, and
+:func:`find_complete` returns it (``<name>`` first); ``.tmp`` and ``.trash`` are never read.
+Unreadable files fail as :class:`~recforge.errors.CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -21,12 +30,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
+
+from recforge.errors import CheckpointError
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+STAGING, PREVIOUS, TRASH = ".tmp", ".old", ".trash"
 
 
 def save_checkpoint(
@@ -41,56 +54,137 @@ def save_checkpoint(
     are tensors or JSON values, e.g. ``torch.optim.Optimizer.state_dict()``.
     """
     final = Path(directory)
-    staging = final.with_name(final.name + ".tmp")
-    previous = final.with_name(final.name + ".old")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-
+    staging = stage_directory(final)
     save_model(model, str(staging / MODEL_FILE))
     document: dict[str, Any] = {"state": state}
     if optimizer_state is not None:
         tensors: dict[str, Tensor] = {}
         document["optimizer"] = _encode(optimizer_state, (), tensors)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / OPTIMIZER_FILE))
-    (staging / STATE_FILE).write_text(json.dumps(document, indent=1))
-    for path in staging.iterdir():
-        _fsync(path)
-    _fsync(staging)
-
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(staging, final)
-    _fsync(final.parent)
-    shutil.rmtree(previous, ignore_errors=True)
+    install_directory(staging, final, STATE_FILE, json.dumps(document, indent=1))
 
 
 def find_checkpoint(directory: str | Path) -> Path | None:
     """The complete checkpoint saved at ``directory`` (or the one a killed save was replacing)."""
-    final = Path(directory)
-    for candidate in (final, final.with_name(final.name + ".old")):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    return None
+    return find_complete(Path(directory), STATE_FILE)
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load the weights into ``model`` (in place); return ``(state, optimizer_state or None)``."""
     path = Path(directory)
-    document = json.loads((path / STATE_FILE).read_text())
+    document = read_json(path / STATE_FILE)
     load_weights(path, model)
     optimizer_state = None
     if "optimizer" in document:
-        tensors = load_file(str(path / OPTIMIZER_FILE))
-        optimizer_state = _decode(document["optimizer"], tensors)
+        optimizer_state = _decode(document["optimizer"], read_tensors(path / OPTIMIZER_FILE))
     return document["state"], optimizer_state
+
+
+def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
+    """The JSON state a checkpoint was saved with, without reading its tensors."""
+    return read_json(Path(directory) / STATE_FILE)["state"]
 
 
 def load_weights(directory: str | Path, model: nn.Module) -> None:
     """Copy a checkpoint's weights into ``model``'s tensors, wherever they live (strict)."""
-    load_model(model, str(Path(directory) / MODEL_FILE), strict=True)
+    path = Path(directory) / MODEL_FILE
+    try:
+        load_model(model, str(path), strict=True)
+    except (FileNotFoundError, SafetensorError) as err:
+        raise _unreadable(path, err) from None
 
 
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of the safetensors file ``path``."""
+    try:
+        return load_file(path)
+    except (FileNotFoundError, SafetensorError) as err:
+        raise _unreadable(path, err) from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise _unreadable(path, err) from None
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise CheckpointError(f"{path}: not a readable JSON file ({err})") from None
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    if isinstance(err, FileNotFoundError):
+        return CheckpointError(f"{path}: missing")
+    return CheckpointError(f"{path}: not a readable safetensors file ({err})")
+
+
+# --- directories replaced as one unit ------------------------------------------------------------
+def versions(final: Path) -> list[Path]:
+    """``final`` and the siblings its saves make beside it."""
+    return [final] + [_sibling(final, suffix) for suffix in (STAGING, PREVIOUS, TRASH)]
+
+
+def stage_directory(final: Path) -> Path:
+    """An empty ``<final>.tmp`` to write the next version of ``final`` into."""
+    staging = _sibling(final, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed save left: never read
+    staging.mkdir(parents=True)
+    return staging
+
+
+def install_directory(staging: Path, final: Path, marker: str, text: str) -> None:
+    """Complete ``staging`` with its ``marker`` file holding ``text`` and put it in ``final``'s place.
+
+    Every file is on disk before the marker, and the marker before any rename (module docstring).
+    """
+    for path in sorted(staging.rglob("*"), reverse=True):  # files before the folders holding them
+        _fsync(path)
+    with (staging / marker).open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync(staging)
+    previous, trash = _sibling(final, PREVIOUS), _sibling(final, TRASH)
+    if (final / marker).is_file():
+        _discard(previous, trash)
+        os.replace(final, previous)
+    elif final.exists():  # not a complete version: nothing to keep
+        _discard(final, trash)
+    _fsync(final.parent)
+    os.replace(staging, final)
+    _fsync(final.parent)
+    _discard(previous, trash)
+
+
+def find_complete(final: Path, marker: str) -> Path | None:
+    """``final``, or the ``<final>.old`` a killed save left, whichever holds ``marker`` first; None if neither."""
+    for candidate in (final, _sibling(final, PREVIOUS)):
+        if (candidate / marker).is_file():
+            return candidate
+    return None
+
+
+def _sibling(final: Path, suffix: str) -> Path:
+    return final.with_name(final.name + suffix)
+
+
+def _discard(path: Path, trash: Path) -> None:
+    """Delete the directory ``path`` (if any), renaming it to ``trash`` first: out of the readers' way."""
+    shutil.rmtree(trash, ignore_errors=True)
+    if path.exists():
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- optimiser states as JSON and tensors --------------------------------------------------------
 def _encode(value: Any, path: tuple[str, ...], tensors: dict[str, Tensor]) -> Any:
     """JSON form of a nested value: tensors become ``{"tensor": key}``, dicts ``{"dict": [[k, v], ...]}``.
 
@@ -118,11 +212,3 @@ def _decode(value: Any, tensors: dict[str, Tensor]) -> Any:
     if isinstance(value, list):
         return [_decode(v, tensors) for v in value]
     return value
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

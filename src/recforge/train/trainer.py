@@ -8,6 +8,11 @@ data only through the store's split views. ``out_dir`` receives::
     last/           the latest checkpoint: model.safetensors, optimizer.safetensors, state.json
     best/           the weights with the best monitored metric: model.safetensors, state.json
 
+Each checkpoint records every setting that shapes the run (:attr:`Trainer.shape`: the data's
+fingerprint and split, the model's name and parameters, the trajectory settings, the monitor
+and the world size); a run resumes only under the same, and a RunError names the one that
+differs. ``epochs`` is not among them: a resumed run may train longer.
+
 Reproducibility: the order of the batches is fixed by ``(seed, epoch)`` in the store, and the
 python, numpy and torch generators are re-seeded before every step from ``(seed, rank, step)``.
 A checkpoint therefore needs no generator state, and a run resumed from any checkpoint
@@ -30,69 +35,67 @@ import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
+import pydantic
 import torch
+from pydantic import AfterValidator, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
 from recforge.data.store import SplitView, Store
+from recforge.errors import ConfigError, RunError
 from recforge.evaluate.evaluators import Evaluator, evaluator_for
 from recforge.models.base import Model
 from recforge.train import distributed
-from recforge.train.checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from recforge.train.checkpoint import (
+    find_checkpoint, load_checkpoint, load_weights, read_checkpoint_state, save_checkpoint, versions,
+)  # fmt: skip
 from recforge.train.optim import Optimizers
+from recforge.errors import DataError
 
 QUIET_ENV = "RECFORGE_QUIET"  # set to a non-empty value other than "0" to silence the trainer
 
-# settings that shape the sequence of steps; a run resumes only with the same values
-_TRAJECTORY = ("batch_size", "lr", "weight_decay", "sparse_lr", "clip_norm", "seed")
+# train settings that shape the run: the sequence of steps and the choice of the best weights
+_SHAPING = ("batch_size", "lr", "weight_decay", "sparse_lr", "clip_norm", "seed", "monitor", "mode")
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(extra="forbid"))
 class TrainConfig:
-    """Settings of a training run.
+    """Settings of a training run; each is checked against its type and bounds when it is set.
 
     - ``sparse_lr``: learning rate of the row-wise Adagrad on sparse embedding tables (``lr``
       and ``weight_decay`` are AdamW's, for every other parameter).
     - ``clip_norm``: the dense gradients' norm is clipped to it (None: no clipping).
     - ``patience``: stop after this many epochs without improvement of ``monitor`` (None: never).
-    - ``monitor``: a metric name of ``evaluate("valid")``, e.g. ``valid_click_auc``; None picks
-      its first one (the AUC of the first predicted label, or recall@10). ``mode``: max or min.
+    - ``monitor``: a metric name of ``evaluate("valid")``, e.g. ``valid_click_auc``, checked by
+      one validation before the first step; None picks its first one (the AUC of the first
+      predicted label, or recall@10). ``mode``: max or min.
     - ``checkpoint_every_steps``: also checkpoint every this many steps (0: at epoch ends only).
     - ``num_threads``: torch intra-op threads (None: torch's default).
     - ``quiet``: no progress bar or epoch lines (also when ``RECFORGE_QUIET`` is set).
     """
 
-    epochs: int = 10
-    batch_size: int = 2048
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    sparse_lr: float = 0.05
-    clip_norm: float | None = 10.0
+    epochs: Annotated[int, Field(ge=0)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 2048
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    sparse_lr: Annotated[float, Field(gt=0)] = 0.05
+    clip_norm: Annotated[float, Field(gt=0)] | None = 10.0
     seed: int = 0
-    patience: int | None = 2
+    patience: Annotated[int, Field(ge=1)] | None = 2
     monitor: str | None = None
-    mode: str = "max"
-    eval_batch_size: int = 65536
-    checkpoint_every_steps: int = 1000
-    num_threads: int | None = None
-    log_every: int = 100
-    device: str = "cpu"
+    mode: Literal["max", "min"] = "max"
+    eval_batch_size: Annotated[int, Field(ge=1)] = 65536
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 1000
+    num_threads: Annotated[int, Field(ge=1)] | None = None
+    log_every: Annotated[int, Field(ge=1)] = 100
+    device: Annotated[str, AfterValidator(distributed.check_device)] = "cpu"
     quiet: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("max", "min"):
-            raise ValueError(f"train: mode must be 'max' or 'min', got {self.mode!r}")
-        for name in ("batch_size", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train: {name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 0 or self.checkpoint_every_steps < 0:
-            raise ValueError("train: epochs and checkpoint_every_steps must be >= 0")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"train: patience must be >= 1 or None, got {self.patience}")
 
 
 @dataclass
@@ -161,19 +164,23 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Train, early-stop on ``monitor`` and end with the best weights loaded.
 
-        ``resume`` continues from ``out_dir/last`` when it holds a checkpoint; otherwise the run
-        starts afresh and replaces what ``out_dir`` held. Returns the best weights' metrics on
-        valid and test, with ``best_epoch``, ``epochs`` (completed) and ``steps``.
+        ``resume`` continues from the checkpoint in ``out_dir/last`` (a RunError when there is
+        none, or when a setting of :attr:`shape` differs); otherwise the run starts afresh and
+        replaces the checkpoints and log that ``out_dir`` held. Nothing is written before these
+        checks and that of ``monitor`` pass. Returns the best weights' metrics on valid and test,
+        with ``best_epoch``, ``epochs`` (completed) and ``steps``.
         """
         train = self.store.split("train")
         steps_per_epoch = train.num_batches(self.config.batch_size, self.context.world_size)
         if steps_per_epoch == 0:
-            raise ValueError(f"{self.store.path}: the train split has too few rows for one batch per rank")
+            raise DataError(f"{self.store.path}: the train split has too few rows for one batch per rank")
         if len(self.store.split("valid")) == 0:
-            raise ValueError(f"{self.store.path}: the valid split is empty; early stopping needs it")
+            raise DataError(f"{self.store.path}: the valid split is empty; early stopping needs it")
 
-        state = self._resume() if resume else None
-        if state is None:
+        if resume:
+            state = self._resume()
+        else:
+            self._check_monitor()
             state = TrainState()
             if self.context.is_main:
                 self._clear_outputs()
@@ -263,8 +270,6 @@ class Trainer:
     def _end_epoch(self, state: TrainState) -> None:
         metrics = self._evaluate_on_main("valid")
         monitor = self.config.monitor or next(iter(metrics))
-        if monitor not in metrics:
-            raise KeyError(f"train: monitor {monitor!r} is not among the validation metrics {sorted(metrics)}")
         value = metrics[monitor]
         improved = state.best_value is None or self._better(value, state.best_value)
         if improved:
@@ -287,33 +292,42 @@ class Trainer:
             return True
         return value > best if self.config.mode == "max" else value < best
 
+    def _check_monitor(self) -> None:
+        """Fail before the first step when ``monitor`` names no metric of the validation."""
+        if self.config.monitor is None:
+            return
+        names = list(self._evaluate_on_main("valid"))
+        if self.config.monitor not in names:
+            raise ConfigError(f"train.monitor: {self.config.monitor!r} is not a validation metric; choose one of {names}")
+
     # --- checkpoints and logs ------------------------------------------------------------------
+    @cached_property
+    def shape(self) -> dict[str, Any]:
+        """Every setting that shapes the run, keyed as in an experiment config (module docstring)."""
+        split = self.store.path / "split.json"
+        shape: dict[str, Any] = {"model.name": getattr(self.model, "registry_name", type(self.model).__name__)}
+        shape |= {f"model.params.{k}": v for k, v in dataclasses.asdict(self.model.config).items()}
+        shape |= {f"data.split.{k}": v for k, v in (json.loads(split.read_text()) if split.exists() else {}).items()}
+        if self.store.fingerprint:  # stores prepared by older versions have none
+            shape["data.fingerprint"] = self.store.fingerprint
+        shape |= {f"train.{name}": getattr(self.config, name) for name in _SHAPING}
+        shape["world_size"] = self.context.world_size
+        return json.loads(json.dumps(shape, default=str))  # as a checkpoint reads it back
+
     def _save_last(self, state: TrainState) -> None:
         if not self.context.is_main:
             return
         state.log_bytes = self.log_path.stat().st_size if self.log_path.exists() else 0
-        payload = {
-            "train": dataclasses.asdict(state),
-            "config": dataclasses.asdict(self.config),
-            "world_size": self.context.world_size,
-        }
+        payload = {"train": dataclasses.asdict(state), "config": dataclasses.asdict(self.config), "shape": self.shape}
         save_checkpoint(self.last_dir, self.model, payload, self.optimizers.state_dict())
 
-    def _resume(self) -> TrainState | None:
-        found = find_checkpoint(self.last_dir)
-        if found is None:
-            return None
+    def _resume(self) -> TrainState:
+        found = resume_point(self.out_dir)
+        recorded = read_checkpoint_state(found).get("shape", {})
+        for key, value in self.shape.items():
+            if key in recorded and recorded[key] != value:
+                raise RunError(f"{found}: cannot resume: {key} was {recorded[key]!r}, now {value!r}")
         saved, optimizer_state = load_checkpoint(found, self.model)
-        changed = {
-            name: (saved["config"][name], getattr(self.config, name))
-            for name in _TRAJECTORY
-            if saved["config"][name] != getattr(self.config, name)
-        }
-        if saved["world_size"] != self.context.world_size:
-            changed["world_size"] = (saved["world_size"], self.context.world_size)
-        if changed:
-            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"{found}: cannot resume with changed settings ({detail})")
         self.optimizers.load_state_dict(optimizer_state)
         state = TrainState(**saved["train"])
         if self.context.is_main and self.log_path.exists():
@@ -324,9 +338,8 @@ class Trainer:
 
     def _clear_outputs(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("last", "best"):
-            for suffix in ("", ".tmp", ".old"):
-                shutil.rmtree(self.out_dir / f"{name}{suffix}", ignore_errors=True)
+        for path in versions(self.last_dir) + versions(self.best_dir):
+            shutil.rmtree(path, ignore_errors=True)
         self.log_path.unlink(missing_ok=True)
 
     def _log(self, record: dict) -> None:
@@ -350,6 +363,14 @@ class Trainer:
         finally:
             self.model.train(was_training)
         return {f"{split}_{name}": value for name, value in metrics.items()}
+
+
+def resume_point(out_dir: str | Path) -> Path:
+    """The checkpoint a resumed run in ``out_dir`` continues from; a RunError when there is none."""
+    found = find_checkpoint(Path(out_dir) / "last")
+    if found is None:
+        raise RunError(f"{out_dir}: no checkpoint to resume from; train without --resume to start afresh")
+    return found
 
 
 class _LossWindow:
