@@ -49,10 +49,10 @@ def test_a_changed_input_re_prepares_the_store_and_says_why(tmp_path):
     assert [f.name for f in dropped.schema.features] == ["user_id", "item_id", "zip"]
 
 
-def test_a_removed_public_data_file_is_noticed(tmp_path, monkeypatch):
-    folder = tmp_path / "data" / "movielens-100k"
+def test_an_edited_public_data_file_is_noticed(tmp_path, monkeypatch):
+    folder = tmp_path / "data" / "movielens-100k" / "ml-100k"
     folder.mkdir(parents=True)
-    source = Path(os.environ.get("RECFORGE_DATA", "/nonexistent")) / "movielens-100k"
+    source = Path(os.environ.get("RECFORGE_DATA", "/nonexistent")) / "movielens-100k" / "ml-100k"
     if not source.is_dir():
         pytest.skip("RECFORGE_DATA/movielens-100k is missing")
     for name in ("u.data", "u.item", "u.user"):
@@ -127,3 +127,28 @@ def test_evaluate_counts_values_the_vocabularies_do_not_hold(tmp_path):
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     assert metrics["test_oov_item_id"] == metrics["test_oov_values"] == 60  # one per test row (10% of 600)
+
+
+def test_score_writes_the_probabilities_of_every_row_in_file_order(tmp_path):
+    rows = log_rows(800)
+    write_csv(tmp_path / "log.csv", rows)
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    (tmp_path / "mine.yaml").write_text(
+        "name: mine\ndata: {source: file, options: {path: log.csv, schema: schema.json}}\n"
+        "model: {name: fm}\ntrain: {epochs: 8, batch_size: 32, lr: 0.01, quiet: true}\n"
+    )
+    assert recforge(tmp_path, "train", "mine.yaml", "--out", "run").returncode == 0
+    unlabelled = [{k: v for k, v in r.items() if k != "click"} for r in log_rows(300, seed=5)]
+    unlabelled[0]["item_id"] = "new-item"
+    write_csv(tmp_path / "rows.csv", unlabelled)
+    done = recforge(tmp_path, "score", "run", "rows.csv", "--out", "scores.parquet")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary == {"rows": 300, "oov_values": 1, "oov_item_id": 1}
+    scores = pl.read_parquet(tmp_path / "scores.parquet")
+    assert scores["row"].to_list() == list(range(300))
+    # the planted rule (even users click items below 20) is what the scores rank by
+    truth = np.asarray([(r["user_id"] % 2 == 0) == (int(r["item_id"]) < 20) for r in unlabelled[1:]])
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(truth, scores["click"].to_numpy()[1:]) > 0.8

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recforge.config import ExperimentConfig, load_config
-from recforge.errors import DEBUG_ENV
+from recforge.errors import DEBUG_ENV, ConfigError, RecforgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial recommender models: prepare, train, evaluate.")
 console = Console()
@@ -37,7 +37,7 @@ QUICKSTART = {
 }
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: RecforgeError) -> None:
     """Print ``err`` as one line on stderr and exit with code 2 (``RECFORGE_DEBUG=1``: the traceback)."""
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         raise err
@@ -64,17 +64,17 @@ def quickstart(
     from recforge.experiment import run
 
     if data not in QUICKSTART:
-        _fail(ValueError(f"--data must be one of {sorted(QUICKSTART)}"))
+        _fail(ConfigError(f"--data must be one of {sorted(QUICKSTART)}"))
     config = ExperimentConfig.model_validate(QUICKSTART[data])
     if rows is not None:
         if data != "synthetic":
-            _fail(ValueError("--rows sets the size of the generated log; it applies to --data synthetic"))
+            _fail(ConfigError("--rows sets the size of the generated log; it applies to --data synthetic"))
         # keep the default log's density (30 rows per user, 60 per item) and ~100 steps an epoch
         config.data.options.update(n_rows=rows, n_users=max(rows // 30, 10), n_items=max(rows // 60, 10))
         config.train["batch_size"] = int(min(max(rows // 100, 128), 4096))
     try:
-        metrics = run(config, out / data, store_root=STORE_ROOT)
-    except (ValueError, FileNotFoundError) as err:
+        metrics = run(config, out / data, overwrite=True, store_root=STORE_ROOT)  # a demo: each call starts afresh
+    except RecforgeError as err:
         _fail(err)
     console.print(_table(f"{config.name} (run folder {out / data})", metrics))
 
@@ -87,7 +87,7 @@ def prepare(config: Path, set_: Annotated[Optional[list[str]], typer.Option("--s
     try:
         cfg = load_config(config, set_)
         store = prepare_store(cfg.data, STORE_ROOT)
-    except (ValueError, FileNotFoundError) as err:
+    except RecforgeError as err:
         _fail(err)
     sizes = {split: len(store.split(split)) for split in ("train", "valid", "test")}
     console.print(f"store [bold]{store.path}[/]: rows {sizes}, vocabularies {store.schema.vocab_sizes}")
@@ -99,14 +99,15 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override, e.g. train.lr=0.001")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="first delete the outputs of an earlier run in the run folder (other files stay)")] = False,
 ) -> None:
     """Train the model of CONFIG; writes metrics.json, model/ and report.md to the run folder."""
     from recforge.experiment import run
 
     try:
         cfg = load_config(config, set_)
-        metrics = run(cfg, out or Path("runs") / cfg.name, resume=resume, store_root=STORE_ROOT)
-    except (ValueError, FileNotFoundError) as err:
+        metrics = run(cfg, out or Path("runs") / cfg.name, resume=resume, overwrite=overwrite, store_root=STORE_ROOT)
+    except RecforgeError as err:
         _fail(err)
     if metrics:
         console.print(_table(cfg.name, metrics))
@@ -119,10 +120,27 @@ def evaluate(run_dir: Path, split: Annotated[str, typer.Option(help="train, vali
 
     try:
         metrics = evaluate_run(run_dir, split)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except RecforgeError as err:
         _fail(err)
     console.print(_table(f"{run_dir} ({split})", metrics))
     print(json.dumps(metrics))
+
+
+@app.command()
+def score(
+    run_dir: Path,
+    data: Path,
+    out: Annotated[Path, typer.Option(help="Parquet file of the predictions")] = Path("predictions.parquet"),
+) -> None:
+    """Write the predictions of a finished run's model for every row of DATA (CSV or Parquet)."""
+    from recforge.experiment import score_file
+
+    try:
+        summary = score_file(run_dir, data, out)
+    except RecforgeError as err:
+        _fail(err)
+    console.print(f"{summary['rows']} rows scored into {out}; out-of-vocabulary values: {summary['oov_values']}")
+    print(json.dumps(summary))
 
 
 @app.command()
@@ -158,7 +176,7 @@ def study(
     try:
         found = run_study(spec, runs, STORE_ROOT, report_only=report_only, jobs=jobs, seeds=seed, datasets=dataset,
                           log=lambda line: console.print(line, markup=False, soft_wrap=True))  # fmt: skip
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except RecforgeError as err:
         _fail(err)
     console.print(f"{len(found['runs'])} finished runs")
 

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import polars as pl
+import torch
 import yaml
 
-from recforge.bundle import load_bundle, save_bundle
+from recforge.bundle import bundle_folder, load_bundle, save_bundle
 from recforge.config import DataConfig, ExperimentConfig, load_config
 from recforge.data import inputs
 from recforge.data.prepare import Fitted, prepare
-from recforge.data.splits import SPLITS
-from recforge.errors import RunError
 from recforge.data.sources import load_source
+from recforge.data.splits import SPLITS, SplitConfig
 from recforge.data.store import STAMP_FILE, Store
-from recforge.files import wait_for_lock, write_atomic
+from recforge.errors import ConfigError, RunError
+from recforge.files import take_lock, wait_for_lock, write_atomic
 from recforge.models import build_model
 from recforge.models.base import model_class, protocol_of
 from recforge.train import distributed
-from recforge.train.trainer import TrainConfig, Trainer, seed_everything
+from recforge.train.checkpoint import versions
+from recforge.train.trainer import TrainConfig, Trainer, resume_point, seed_everything
 
 
 def _notice(line: str) -> None:
@@ -76,33 +82,96 @@ def _stale(stamp: Path, wanted: dict) -> str | None:
     return reason
 
 
-def run(config: ExperimentConfig, out: Path, resume: bool = False, store_root: Path = Path("runs/stores")) -> dict:
-    """Train ``config`` into ``out`` and write metrics.json, model/ and report.md there."""
+RUN_FILES = ("config.yaml", "metrics.json", "report.md", "metrics.jsonl")
+RUN_FOLDERS = ("model", "last", "best")
+LOCK_FILE = ".lock"
+
+
+def run(
+    config: ExperimentConfig,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    store_root: Path = Path("runs/stores"),
+) -> dict:
+    """Train ``config`` into ``out``: metrics.jsonl and checkpoints while training, then model/,
+    config.yaml, report.md and, last, metrics.json, which marks the run finished.
+
+    ``out`` is locked (``out/.lock``, held by rank 0) while this runs, so a second run into it fails
+    at once. A folder that holds an earlier run's outputs is refused unless ``resume`` continues
+    that run from its last checkpoint or ``overwrite`` deletes those outputs first; the other files
+    in ``out`` are never touched.
+    """
     required = protocol_of(model_class(config.model.name))
     if required is not None:
-        raise ValueError(
+        raise ConfigError(
             f"model {config.model.name!r} trains under the {required!r} protocol: run it with "
             f"`recforge study SPEC.yaml` and `protocol: {required}` in the spec"
         )
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the folder and --overwrite deletes it: pass one of them")
     context = distributed.setup()
-    if context.is_main:  # one process encodes the data; the others wait for it
+    lock = out / LOCK_FILE
+    if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        store = prepare_store(config.data, store_root)
-    distributed.barrier(context)
-    if not context.is_main:
-        store = Store.open(config.data.store_path(store_root))
-    train_config = TrainConfig(**config.train)
-    seed_everything(train_config.seed)
-    model = build_model(config.model.name, store.schema, config.model.params, store=store)
-    trainer = Trainer(model, store, train_config, out)
-    metrics = trainer.fit(resume=resume)
-    if not trainer.is_main:
-        return {}
-    save_bundle(model, store, out / "model")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "report.md").write_text(report(config, metrics))
-    return metrics
+        if not take_lock(lock):
+            raise RunError(
+                f"{out}: another process (pid {_holder(lock)}) is writing this run folder; "
+                "wait for it to end or choose another --out"
+            )
+    try:
+        if context.is_main:  # one process encodes the data; the others wait for it
+            _claim_outputs(out, resume, overwrite)
+            store = prepare_store(config.data, store_root)
+        distributed.barrier(context)
+        if not context.is_main:
+            store = Store.open(config.data.store_path(store_root))
+        train_config = TrainConfig(**config.train)
+        seed_everything(train_config.seed)
+        model = build_model(config.model.name, store.schema, config.model.params, store=store)
+        trainer = Trainer(model, store, train_config, out)
+        metrics = trainer.fit(resume=resume)
+        if not trainer.is_main:
+            return {}
+        (out / "metrics.json").unlink(missing_ok=True)  # not finished while the outputs below are rewritten
+        save_bundle(model, store, out / "model")
+        write_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        write_atomic(out / "report.md", report(config, metrics))
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+        return metrics
+    finally:
+        if context.is_main:
+            lock.unlink(missing_ok=True)
+
+
+def _holder(lock: Path) -> str:
+    """The pid that the lock file ``lock`` names (see :func:`recforge.files.take_lock`)."""
+    try:
+        return str(json.loads(lock.read_text())["pid"])
+    except (OSError, ValueError, KeyError):  # released, or being written, meanwhile
+        return "unknown"
+
+
+def _run_outputs(out: Path) -> list[Path]:
+    """What runs wrote in ``out``, with what interrupted writes left."""
+    paths = [path for name in RUN_FILES for path in (out / name, *sorted(out.glob(f".{name}.*.tmp")))]
+    paths += [path for name in RUN_FOLDERS for path in versions(out / name)]
+    return [path for path in paths if path.exists()]
+
+
+def _claim_outputs(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse ``out`` when it holds a run, unless ``resume`` (it has a checkpoint) or ``overwrite`` (delete it)."""
+    found = _run_outputs(out)
+    if found and not (resume or overwrite):
+        names = ", ".join(path.name for path in found)
+        raise RunError(
+            f"{out}: already holds a run ({names}); pass --overwrite to delete its outputs first, or --resume to continue it"
+        )
+    if overwrite:
+        for path in found:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if resume:
+        resume_point(out)  # no checkpoint: fail before the data is prepared
 
 
 def evaluate_run(run_dir: Path, split: str = "test") -> dict:
@@ -114,16 +183,52 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict:
     """
     if split not in SPLITS:
         raise RunError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model").is_dir():
-        raise RunError(f"{run_dir}: not a finished run (it needs config.yaml and model/)")
+    try:
+        json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{run_dir}: not a finished run (no readable metrics.json); train it to the end first") from None
     config = load_config(run_dir / "config.yaml")
-    model = load_bundle(run_dir / "model")
+    model, bundle = load_bundle(run_dir / "model"), bundle_folder(run_dir / "model")
     with tempfile.TemporaryDirectory(prefix="recforge-evaluate-") as scratch:
         raw = load_source(config.data.source, **config.data.options)
-        store = prepare(raw, Path(scratch) / "store", config.data.split, fitted=Fitted.load(run_dir / "model"))
+        store = prepare(raw, Path(scratch) / "store", config.data.split, fitted=Fitted.load(bundle))
         metrics = Trainer(model, store, TrainConfig(**config.train), scratch).evaluate(split)
         oov = json.loads((store.path / "oov.json").read_text())[split]
     return metrics | {f"{split}_oov_values": sum(oov.values())} | {f"{split}_oov_{k}": n for k, n in oov.items() if n}
+
+
+def score_file(run_dir: Path, data: Path, out: Path, batch_size: int = 65536) -> dict:
+    """Write the predictions of a finished run's ranker for every row of the table ``data``.
+
+    ``data`` is read with the bundle's schema (its label columns may be absent) and encoded with the
+    bundle's vocabularies and normalisers. ``out`` (Parquet, written atomically) holds ``row`` (the
+    0-based row of ``data``) and one probability column per predicted label, in the table's order.
+    Histories are built from the rows of ``data`` alone. Returns the row count and the
+    out-of-vocabulary counts per feature.
+    """
+    from recforge.data.sources import load_file
+    from recforge.models.capabilities import Ranker
+
+    model, bundle = load_bundle(run_dir / "model"), bundle_folder(run_dir / "model")
+    if not isinstance(model, Ranker):
+        raise RunError(f"{run_dir}: model {model.registry_name!r} ranks no rows (it is not a ranker); score writes a ranker's probabilities")
+    fitted = Fitted.load(bundle)
+    raw = load_file(data, fitted.schema, require_labels=False)
+    with tempfile.TemporaryDirectory(prefix="recforge-score-") as scratch:
+        store = prepare(raw, Path(scratch) / "store", SplitConfig(ratios=(0.0, 0.0, 1.0)), fitted=fitted)
+        view = store.split("test")
+        columns: dict[str, list[np.ndarray]] = {}
+        with torch.inference_mode():
+            for batch in view.batches(batch_size):
+                for name, prob in model.predict(model(batch)).items():
+                    columns.setdefault(name, []).append(prob.float().numpy())
+        order = np.argsort(view.row)
+        frame = pl.DataFrame({"row": np.asarray(view.row)[order]} | {n: np.concatenate(p)[order] for n, p in columns.items()})
+        oov = json.loads((store.path / "oov.json").read_text())["test"]
+    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    frame.write_parquet(staging)
+    os.replace(staging, out)
+    return {"rows": frame.height, "oov_values": sum(oov.values())} | {f"oov_{k}": n for k, n in oov.items() if n}
 
 
 def report(config: ExperimentConfig, metrics: dict) -> str:
