@@ -89,7 +89,7 @@ def test_integer_domains_survive_the_store_round_trip(tmp_path):
     vocab = Store.open(tmp_path / "s").vocabulary("domain")
     for value, index in zip(vocab["value"], vocab["index"]):
         assert reopened.domain_id(int(value)) == reopened.domain_id(value) == index
-    with pytest.raises(KeyError, match="has no id"):
+    with pytest.raises(DataError, match="has no id"):
         reopened.domain_id(7)
 
 

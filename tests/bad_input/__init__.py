@@ -43,6 +43,11 @@ def cases() -> list[Case]:
     return found
 
 
+def _code(text: str) -> str:
+    """Inline code that may itself hold backticks."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
 def render() -> str:
     lines = [
         "# Reliability: every mistake, one clear line",
@@ -58,6 +63,6 @@ def render() -> str:
         lines += ["", f"## {title}", "", "| mistake | command | what the user sees |", "| --- | --- | --- |"]
         for case in (c for c in cases() if c.layer == layer):
             command = " ".join(["recforge", *case.argv]).replace("|", "\\|")
-            message = case.message.replace("|", "\\|")
-            lines.append(f"| {case.mistake} | `{command}` | `error: {message}` |")
+            message = f"error: {case.message}".replace("|", "\\|")
+            lines.append(f"| {case.mistake} | {_code(command)} | {_code(message)} |")
     return "\n".join(lines) + "\n"

@@ -163,7 +163,7 @@ class Schema(BaseModel):
         for f in self.features:
             if f.name == name:
                 return f
-        raise KeyError(f"schema has no feature {name!r}; it has {[f.name for f in self.features]}")
+        raise DataError(f"schema has no feature {name!r}; it has {[f.name for f in self.features]}")
 
     def categorical_index(self, name: str) -> int:
         """Column of ``name`` in ``Batch.categorical``."""
@@ -180,12 +180,12 @@ class Schema(BaseModel):
     def domain_id(self, value: str | int) -> int:
         """Encoded id of a value of the domain column (seen in the train split); integer domains by value or text."""
         if str(value) not in self.domain_index:
-            raise KeyError(f"domain {value!r} has no id; the train split's domains are {sorted(self.domain_index)}")
+            raise DataError(f"domain {value!r} has no id; the train split's domains are {sorted(self.domain_index)}")
         return self.domain_index[str(value)]
 
     def vocab_size(self, vocab: str) -> int:
         if vocab not in self.vocab_sizes:
-            raise KeyError(f"vocabulary {vocab!r} has no size: prepare the data first")
+            raise DataError(f"vocabulary {vocab!r} has no size: prepare the data first")
         return self.vocab_sizes[vocab]
 
     @property

@@ -34,6 +34,7 @@ from recforge.data.store import SplitView, Store
 from recforge.evaluate.metrics import classification_report, full_ranking_metrics, sampled_ranking_metrics
 from recforge.models.base import Model
 from recforge.models.capabilities import Funnel, Ranker, Retriever
+from recforge.errors import DataError
 
 CTCVR = "ctcvr"
 RETRIEVAL_KS = (10, 20, 50)
@@ -187,13 +188,13 @@ def sample_candidates(
                 continue
             draws = min(negatives, len(pool) - int(counts[users[rows], d].max()) - 1)
             if draws < 1:
-                raise ValueError(f"domain {data.domain_names[d]!r} has too few items to sample negatives")
+                raise DataError(f"domain {data.domain_names[d]!r} has too few items to sample negatives")
             chosen = [_negatives(generator, pool, users[chunk], targets[chunk], seen_keys, data.num_items, draws)
                       for chunk in np.array_split(rows, max(1, len(rows) // 2048))]  # fmt: skip
             all_rows.append(rows)
             all_items.append(np.concatenate([targets[rows][:, None], np.concatenate(chosen)], 1))
     if not all_rows:
-        raise ValueError(f"split {view.name!r} has no rankable rows")
+        raise DataError(f"split {view.name!r} has no rankable rows")
     width = min(a.shape[1] for a in all_items)
     rows = np.concatenate(all_rows)
     return Candidates(

@@ -22,6 +22,7 @@ import numpy as np
 
 from recforge.files import write_atomic
 from recforge.study.spec import Comparison, StudySpec, TableSpec
+from recforge.errors import ConfigError
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -177,7 +178,7 @@ def _compare(
 ) -> str:
     reference = comparison.reference or spec.reference
     if reference is None:
-        raise ValueError(f"{spec.name}: table {table.title!r} compares against a reference; set `reference`")
+        raise ConfigError(f"{spec.name}: table {table.title!r} compares against a reference; set `reference`")
     mine = pivot.seeds(label, column, comparison.metric, table.split)
     theirs = references.seeds(reference, column, comparison.metric, table.split)
     if not mine or not theirs:
