@@ -30,3 +30,11 @@ def test_mistake_is_one_clear_line_and_loses_nothing(case: Case, tmp_path):
 
 def test_reliability_page_lists_every_case():
     assert PAGE.read_text() == render(), "run `python -m tests.bad_input` to rewrite docs/reliability.md"
+
+
+def test_debug_shows_the_traceback_of_the_same_mistake(tmp_path):
+    case = next(c for c in cases() if c.mistake == "an unknown model name")
+    case.files(tmp_path)
+    done = recforge(tmp_path, *case.argv, env={"RECFORGE_DEBUG": "1"})
+    assert done.returncode != 0
+    assert "Traceback (most recent call last)" in done.stderr and "ModelConfigError" in done.stderr

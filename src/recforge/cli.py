@@ -15,7 +15,7 @@ from rich.table import Table
 from recforge.config import ExperimentConfig, load_config
 from recforge.errors import DEBUG_ENV, ConfigError, RecforgeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial recommender models: prepare, train, evaluate.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Industrial recommender models: prepare, train, evaluate.")
 console = Console()
 
 STORE_ROOT = Path("runs/stores")

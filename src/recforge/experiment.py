@@ -209,6 +209,8 @@ def score_file(run_dir: Path, data: Path, out: Path, batch_size: int = 65536) ->
     from recforge.data.sources import load_file
     from recforge.models.capabilities import Ranker
 
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run folder")
     model, bundle = load_bundle(run_dir / "model"), bundle_folder(run_dir / "model")
     if not isinstance(model, Ranker):
         raise RunError(f"{run_dir}: model {model.registry_name!r} ranks no rows (it is not a ranker); score writes a ranker's probabilities")

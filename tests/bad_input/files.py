@@ -65,8 +65,8 @@ def recforge(folder: Path, *argv: str, env: dict[str, str] | None = None) -> sub
     """Run ``recforge argv`` in ``folder`` as the user would (exit code not checked)."""
     import os
 
-    env = {**os.environ, **ENV, **(env or {})}
-    env.pop("RECFORGE_DEBUG", None)
+    inherited = {k: v for k, v in os.environ.items() if k != "RECFORGE_DEBUG"}
+    env = {**inherited, **ENV, **(env or {})}
     return subprocess.run([sys.executable, "-m", "recforge.cli", *argv], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.bad_input import Case
-from tests.bad_input.files import trained_run, user_files
+from tests.bad_input.files import log_rows, trained_run, user_files, write_csv
 
 RESUME = ("train", "mine.yaml", "--out", "run", "--resume")
 SAFETENSORS = "not a readable safetensors file (Error while deserializing header: {})"
@@ -31,6 +31,22 @@ def locked(folder: Path) -> None:
     user_files(folder)
     (folder / "run").mkdir()
     (folder / "run" / ".lock").write_text(json.dumps({"pid": 1, "host": socket.gethostname()}))
+
+
+def unfinished(folder: Path) -> None:
+    """A run killed before it finished: no metrics.json."""
+    trained_run(folder)
+    (folder / "run" / "metrics.json").unlink()
+
+
+def rows_to_score(edit: Callable[[list[dict]], list[dict]]) -> Callable[[Path], None]:
+    """A finished run and ``rows.csv``, new rows without labels, as ``edit`` leaves them."""
+
+    def files(folder: Path) -> None:
+        trained_run(folder)
+        write_csv(folder / "rows.csv", edit([{k: v for k, v in r.items() if k != "click"} for r in log_rows(50, seed=3)]))
+
+    return files
 
 
 def half(data: bytes) -> bytes:
@@ -73,4 +89,18 @@ CASES = [
          "run/last/state.json: not a readable JSON file (Expecting ',' delimiter: line 4 column 14 (char 40))"),
     Case("runs", "train into a folder another live process is writing", locked, ("train", "mine.yaml", "--out", "run"),
          "run: another process (pid 1) is writing this run folder; wait for it to end or choose another --out"),
+    Case("runs", "evaluate a run whose config.yaml was broken by an edit", damaged("config.yaml", lambda data: data + b"  oops: [\n"),
+         ("evaluate", "run"), "run/config.yaml: line 32: not valid YAML: expected the node content, but found '<stream end>' "
+         "(while parsing a flow node from line 32)"),
+    Case("runs", "evaluate a run that never finished", unfinished, ("evaluate", "run"),
+         "run: not a finished run (no readable metrics.json); train it to the end first"),
+    Case("runs", "evaluate a split that does not exist", trained_run, ("evaluate", "run", "--split", "dev"),
+         "--split must be one of train, valid, test, not 'dev'"),
+    Case("runs", "score rows that lack a column of the model", rows_to_score(lambda rows: [{k: v for k, v in r.items() if k != "zip"} for r in rows]),
+         ("score", "run", "rows.csv"), "data file rows.csv lacks the schema's columns ['zip'] (features.2.name); "
+         "it has ['user_id', 'item_id', 'price']"),
+    Case("runs", "score rows with a word for a price", rows_to_score(lambda rows: [dict(r, price="cheap") if i == 4 else r for i, r in enumerate(rows)]),
+         ("score", "run", "rows.csv"), "rows.csv: column 'price', line 6: 'cheap' is not a number"),
+    Case("runs", "score with a folder that holds no run", user_files, ("score", "nowhere", "log.csv"),
+         "nowhere: no such run folder"),
 ]  # fmt: skip

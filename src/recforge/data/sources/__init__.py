@@ -171,15 +171,15 @@ def load_file(path: str | Path, schema: Schema | dict | str | Path, require_labe
     frame = _read_parquet(path) if suffix in PARQUET else _read_text(path, TEXT_TABLES[suffix])
     if frame.height == 0:
         raise DataError(f"data file {path} has no rows")
-    if not require_labels:
-        zero = pl.lit(0) if suffix in PARQUET else pl.lit("0")
-        frame = frame.with_columns(zero.alias(label) for label in declared.labels if label not in frame.columns)
-    lacking = {column: at for column, at in _declared_at(declared).items() if column not in frame.columns}
+    optional = set() if require_labels else set(declared.labels)
+    lacking = {column: at for column, at in _declared_at(declared).items() if column not in frame.columns and column not in optional}
     if lacking:
         raise DataError(
             f"{f'{schema_file}: ' if schema_file else ''}data file {path} lacks the schema's columns {list(lacking)} "
             f"({', '.join(lacking.values())}); it has {frame.columns}"
         )
+    zero = pl.lit(0) if suffix in PARQUET else pl.lit("0")
+    frame = frame.with_columns(zero.alias(label) for label in optional if label not in frame.columns)
     frame = _parse_parquet(frame, declared, str(path)) if suffix in PARQUET else _parse_text(frame, declared, str(path))
     return RawDataset(frame=frame, schema=declared, origin=str(path), inputs=(path,) if schema_file is None else (path, schema_file))
 
