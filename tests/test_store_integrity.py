@@ -127,6 +127,7 @@ def test_evaluate_counts_values_the_vocabularies_do_not_hold(tmp_path):
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     assert metrics["test_oov_item_id"] == metrics["test_oov_values"] == 60  # one per test row (10% of 600)
+    assert done.stderr == "note: 60 value(s) of the test split are not in the model's vocabularies and were encoded as OOV: {'item_id': 60}\n"
 
 
 def test_score_writes_the_probabilities_of_every_row_in_file_order(tmp_path):

@@ -123,6 +123,10 @@ def evaluate(run_dir: Path, split: Annotated[str, typer.Option(help="train, vali
     except RecforgeError as err:
         _fail(err)
     console.print(_table(f"{run_dir} ({split})", metrics))
+    unseen = {k.removeprefix(f"{split}_oov_"): n for k, n in metrics.items() if k.startswith(f"{split}_oov_") and k != f"{split}_oov_values"}
+    if unseen:
+        typer.echo(f"note: {metrics[f'{split}_oov_values']} value(s) of the {split} split are not in the model's vocabularies "
+                   f"and were encoded as OOV: {unseen}", err=True)  # fmt: skip
     print(json.dumps(metrics))
 
 
