@@ -29,7 +29,8 @@ from recforge.data.schema import Schema
 from recforge.data.store import Store
 from recforge.errors import CheckpointError
 from recforge.models import Model, build_model
-from recforge.train.checkpoint import find_complete, install_directory, read_json, read_tensors, stage_directory
+from recforge.files import find_complete, install_directory, stage_directory
+from recforge.train.checkpoint import read_json, read_tensors
 
 WEIGHTS, SIDE, SPEC = "model.safetensors", "side.safetensors", "model.json"
 

@@ -22,11 +22,10 @@ from recforge.data.sources import load_source
 from recforge.data.splits import SPLITS, SplitConfig
 from recforge.data.store import STAMP_FILE, Store
 from recforge.errors import ConfigError, RunError
-from recforge.files import take_lock, wait_for_lock, write_atomic
+from recforge.files import take_lock, versions, wait_for_lock, write_atomic
 from recforge.models import build_model
 from recforge.models.base import model_class, protocol_of
 from recforge.train import distributed
-from recforge.train.checkpoint import versions
 from recforge.train.trainer import TrainConfig, Trainer, resume_point, seed_everything
 
 

@@ -25,8 +25,6 @@ Unreadable files fail as :class:`~recforge.errors.CheckpointError` naming the fi
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +33,11 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from recforge.errors import CheckpointError
+from recforge.files import find_complete, install_directory, stage_directory
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
-STAGING, PREVIOUS, TRASH = ".tmp", ".old", ".trash"
 
 
 def save_checkpoint(
@@ -116,72 +114,6 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
     if isinstance(err, FileNotFoundError):
         return CheckpointError(f"{path}: missing")
     return CheckpointError(f"{path}: not a readable safetensors file ({err})")
-
-
-# --- directories replaced as one unit ------------------------------------------------------------
-def versions(final: Path) -> list[Path]:
-    """``final`` and the siblings its saves make beside it."""
-    return [final] + [_sibling(final, suffix) for suffix in (STAGING, PREVIOUS, TRASH)]
-
-
-def stage_directory(final: Path) -> Path:
-    """An empty ``<final>.tmp`` to write the next version of ``final`` into."""
-    staging = _sibling(final, STAGING)
-    shutil.rmtree(staging, ignore_errors=True)  # what a killed save left: never read
-    staging.mkdir(parents=True)
-    return staging
-
-
-def install_directory(staging: Path, final: Path, marker: str, text: str) -> None:
-    """Complete ``staging`` with its ``marker`` file holding ``text`` and put it in ``final``'s place.
-
-    Every file is on disk before the marker, and the marker before any rename (module docstring).
-    """
-    for path in sorted(staging.rglob("*"), reverse=True):  # files before the folders holding them
-        _fsync(path)
-    with (staging / marker).open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync(staging)
-    previous, trash = _sibling(final, PREVIOUS), _sibling(final, TRASH)
-    if (final / marker).is_file():
-        _discard(previous, trash)
-        os.replace(final, previous)
-    elif final.exists():  # not a complete version: nothing to keep
-        _discard(final, trash)
-    _fsync(final.parent)
-    os.replace(staging, final)
-    _fsync(final.parent)
-    _discard(previous, trash)
-
-
-def find_complete(final: Path, marker: str) -> Path | None:
-    """``final``, or the ``<final>.old`` a killed save left, whichever holds ``marker`` first; None if neither."""
-    for candidate in (final, _sibling(final, PREVIOUS)):
-        if (candidate / marker).is_file():
-            return candidate
-    return None
-
-
-def _sibling(final: Path, suffix: str) -> Path:
-    return final.with_name(final.name + suffix)
-
-
-def _discard(path: Path, trash: Path) -> None:
-    """Delete the directory ``path`` (if any), renaming it to ``trash`` first: out of the readers' way."""
-    shutil.rmtree(trash, ignore_errors=True)
-    if path.exists():
-        os.replace(path, trash)
-        shutil.rmtree(trash)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- optimiser states as JSON and tensors --------------------------------------------------------

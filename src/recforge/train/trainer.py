@@ -48,15 +48,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from recforge.data.store import SplitView, Store
-from recforge.errors import ConfigError, RunError
+from recforge.errors import ConfigError, DataError, RunError
 from recforge.evaluate.evaluators import Evaluator, evaluator_for
+from recforge.files import versions
 from recforge.models.base import Model
 from recforge.train import distributed
-from recforge.train.checkpoint import (
-    find_checkpoint, load_checkpoint, load_weights, read_checkpoint_state, save_checkpoint, versions,
-)  # fmt: skip
+from recforge.train.checkpoint import find_checkpoint, load_checkpoint, load_weights, read_checkpoint_state, save_checkpoint
 from recforge.train.optim import Optimizers
-from recforge.errors import DataError
 
 QUIET_ENV = "RECFORGE_QUIET"  # set to a non-empty value other than "0" to silence the trainer
 
