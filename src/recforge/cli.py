@@ -148,6 +148,55 @@ def score(
 
 
 @app.command()
+def export(
+    path: Annotated[Path, typer.Argument(help="the finished run folder (with --check: the exported bundle)")],
+    out: Annotated[Optional[Path], typer.Option(help="bundle folder to write")] = None,
+    check: Annotated[bool, typer.Option(help="verify every file of the bundle PATH against its manifest; write nothing")] = False,
+) -> None:
+    """Write a finished run's model as a serving bundle (with an ONNX graph when it matches torch), or --check one."""
+    from recforge.serve.export import check_bundle, export_run
+
+    try:
+        if check:
+            if out is not None:
+                raise ConfigError("--check verifies the bundle PATH and writes nothing: leave out --out")
+            manifest = check_bundle(path)
+            typer.echo(f"{path}: {len(manifest['files'])} files verified")
+            return
+        if out is None:
+            raise ConfigError("--out names the bundle folder to write: recforge export RUN --out BUNDLE")
+        manifest = export_run(path, out)
+    except RecforgeError as err:
+        _fail(err)
+    onnx = manifest["onnx"]
+    if onnx["exported"]:
+        typer.echo(f"{out}: {len(manifest['files'])} files; model.onnx matches torch within {onnx['max_abs_diff']:.2g} on {onnx['rows_checked']} test rows")
+    else:
+        typer.echo(f"{out}: {len(manifest['files'])} files")
+        typer.echo(f"note: no model.onnx: {' '.join(onnx['reason'].split())}; the bundle is served by torch", err=True)
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="an exported bundle (recforge export RUN --out BUNDLE)")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(help="worker processes (a reload is then SIGHUP to the parent)")] = 1,
+    max_batch: Annotated[int, typer.Option(help="most rows scored in one forward pass")] = 256,
+    max_wait_ms: Annotated[float, typer.Option(help="longest wait for more requests to join a batch")] = 2.0,
+    max_rows: Annotated[int, typer.Option(help="most rows one request may hold")] = 1024,
+    backend: Annotated[str, typer.Option(help="auto (ONNX when exported), onnx or torch")] = "auto",
+) -> None:
+    """Serve an exported bundle over HTTP: POST /score, GET /health, /metadata and /metrics; POST /admin/reload or SIGHUP swaps the bundle."""
+    from recforge.serve.app import serve as run_service
+
+    try:
+        run_service(bundle, host, port, workers, backend, max_batch, max_wait_ms, max_rows)
+    except RecforgeError as err:
+        _fail(err)
+
+
+@app.command()
 def models(markdown: Annotated[bool, typer.Option(help="print the model-zoo table in markdown")] = False) -> None:
     """List the registered models: capabilities, protocol, paper and default hyper-parameters."""
     from recforge.models import registered

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.bad_input import Case
-from tests.bad_input.files import log_rows, trained_run, user_files, write_csv
+from tests.bad_input.files import log_rows, recforge, trained_run, user_files, write_csv
 
 RESUME = ("train", "mine.yaml", "--out", "run", "--resume")
 SAFETENSORS = "not a readable safetensors file (Error while deserializing header: {})"
@@ -103,4 +105,47 @@ CASES = [
          ("score", "run", "rows.csv"), "rows.csv: column 'price', line 6: 'cheap' is not a number"),
     Case("runs", "score with a folder that holds no run", user_files, ("score", "nowhere", "log.csv"),
          "nowhere: no such run folder"),
+]  # fmt: skip
+
+
+_EXPORTED: dict[str, Path] = {}
+
+
+def damaged_export(name: str, damage: Callable[[bytes], bytes] | None) -> Callable[[Path], None]:
+    """A finished run, ``bundle/`` (its export, made once per process) and the file ``bundle/<name>``
+    damaged with ``damage(bytes) -> bytes``, or deleted when ``damage`` is None."""
+
+    def files(folder: Path) -> None:
+        trained_run(folder)
+        if "bundle" not in _EXPORTED:
+            scratch = Path(tempfile.mkdtemp(prefix="recforge-exported-"))
+            trained_run(scratch)
+            done = recforge(scratch, "export", "run", "--out", "bundle")
+            assert done.returncode == 0, done.stderr
+            _EXPORTED["bundle"] = scratch / "bundle"
+        shutil.copytree(_EXPORTED["bundle"], folder / "bundle")
+        path = folder / "bundle" / name
+        path.unlink() if damage is None else path.write_bytes(damage(path.read_bytes()))
+
+    return files
+
+
+def flip_byte(data: bytes) -> bytes:
+    return data[:100] + bytes([data[100] ^ 1]) + data[101:]
+
+
+CASES += [
+    Case("runs", "export a folder that holds no run", user_files, ("export", ".", "--out", "bundle"),
+         ".: not a finished run (no readable metrics.json); train it to the end first"),
+    Case("runs", "export without --out", trained_run, ("export", "run"),
+         "--out names the bundle folder to write: recforge export RUN --out BUNDLE"),
+    Case("runs", "export into the folder of the user's own files", trained_run, ("export", "run", "--out", "."),
+         ".: exists and holds no exported bundle (no manifest.json); choose another --out"),
+    Case("runs", "--check a run folder instead of an exported bundle", trained_run, ("export", "--check", "run"),
+         "run: no exported bundle (no manifest.json); write one with `recforge export RUN --out BUNDLE`"),
+    Case("runs", "--check a bundle whose model.safetensors was changed", damaged_export("model.safetensors", flip_byte),
+         ("export", "--check", "bundle"),
+         "bundle/model.safetensors: sha256 differs from the manifest (the file is corrupted or was changed)"),
+    Case("runs", "--check a bundle one of whose files was deleted", damaged_export("vocab/item_id.parquet", None),
+         ("export", "--check", "bundle"), "bundle/vocab/item_id.parquet: missing (the manifest lists it)"),
 ]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Serving a trained model: export, encoding, scoring and retrieval over an item index."""
