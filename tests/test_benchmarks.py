@@ -16,7 +16,7 @@ pytest.importorskip("sklearn")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("name", ["speed_metrics", "speed_din", "scale_vocab", "scale_rows", "speed_ddp"])
+@pytest.mark.parametrize("name", ["speed_metrics", "speed_din", "scale_vocab", "scale_rows", "speed_ddp", "bulk_score", "retrieval"])
 def test_benchmark_quick(name: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RECFORGE_DATA"}
     done = subprocess.run(
@@ -46,3 +46,16 @@ def test_speed_deepfm_quick(tmp_path: Path) -> None:
         assert not row["error"], row["error"]
         assert row["train_samples_per_s"] > 0 and row["wall_s"] > 0 and 0.0 <= row["test_auc"] <= 1.0
     assert (tmp_path / "speed_deepfm.md").exists() and (tmp_path / "speed_deepfm.png").exists()
+
+
+def test_serve_load_quick(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RECFORGE_DATA"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "serve_load.py"), "--quick", "--out", str(tmp_path)],
+        env=env, timeout=240, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "serve_load.json").read_text())
+    assert {row["mode"] for row in result["rows"]} == {"batched", "per-request"}
+    assert all(row["errors"] == 0 and row["requests_per_s"] > 0 for row in result["rows"])
+    assert (tmp_path / "serve_load.md").exists()

@@ -51,6 +51,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     two_domain_schema().save(root / "two_domain.json")
     configs = {model: yaml.safe_load(TINY.format(model=model)) | {"train": {"epochs": 1, "batch_size": 256, "seed": 1, "quiet": True}}
                for model in ("deepfm", "din", "two_tower")}  # fmt: skip
+    configs["deepfm_without_history"] = configs["deepfm"] | {"name": "tiny_deepfm_without_history"}
+    configs["deepfm_without_history"]["data"] = configs["deepfm"]["data"] | {"options": configs["deepfm"]["data"]["options"] | {"history_len": 0}}
     configs["minet"] = {
         "name": "two_domain_minet",
         "data": {"source": "file", "options": {"path": str(root / "two_domain.parquet"), "schema": str(root / "two_domain.json")},
@@ -78,9 +80,16 @@ def encoded_test_rows(run_dir: Path) -> Batch:
         return view.take(np.arange(len(view)))
 
 
-@pytest.mark.parametrize("model", ["deepfm", "din"])
-def test_exported_graph_gives_the_torch_probabilities_on_the_test_rows(runs, tmp_path, model):
-    run_dir, bundle = runs(model), tmp_path / "bundle"
+WITH_HISTORY = ["categorical", "numeric", "sequences.hist_item_id", "domain"]
+
+
+@pytest.mark.parametrize(("run_name", "inputs"), [
+    ("deepfm", WITH_HISTORY), ("din", WITH_HISTORY),
+    ("deepfm_without_history", ["categorical", "numeric", "domain"]),  # a domain input the model never reads keeps a dynamic batch axis
+])  # fmt: skip
+def test_exported_graph_gives_the_torch_probabilities_on_the_test_rows(runs, tmp_path, run_name, inputs):
+    run_dir, bundle = runs(run_name), tmp_path / "bundle"
+    model = run_name.removesuffix("_without_history")
     result = runner.invoke(app, ["export", str(run_dir), "--out", str(bundle)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -91,7 +100,7 @@ def test_exported_graph_gives_the_torch_probabilities_on_the_test_rows(runs, tmp
     session = onnxruntime.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     schema = load_bundle(bundle).schema
     assert [i.name for i in session.get_inputs()] == input_names(schema)
-    assert input_names(schema) == ["categorical", "numeric", "sequences.hist_item_id", "domain"]
+    assert input_names(schema) == inputs
     torch_model = load_bundle(run_dir / "model")
     for size in (len(rows), 7):  # the batch axis is dynamic
         feeds = {name: t[:size].numpy() for name, t in zip(input_names(schema), batch_tensors(rows, schema))}

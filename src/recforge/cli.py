@@ -187,7 +187,7 @@ def serve(
     max_rows: Annotated[int, typer.Option(help="most rows one request may hold")] = 1024,
     backend: Annotated[str, typer.Option(help="auto (ONNX when exported), onnx or torch")] = "auto",
 ) -> None:
-    """Serve an exported bundle over HTTP: POST /score, GET /health, /metadata and /metrics; POST /admin/reload or SIGHUP swaps the bundle."""
+    """Serve an exported bundle over HTTP: POST /score (a ranker) or /recommend (a retriever), GET /health, /metadata and /metrics; POST /admin/reload or SIGHUP swaps the bundle."""
     from recforge.serve.app import serve as run_service
 
     try:

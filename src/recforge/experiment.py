@@ -196,7 +196,7 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict:
     return metrics | {f"{split}_oov_values": sum(oov.values())} | {f"{split}_oov_{k}": n for k, n in oov.items() if n}
 
 
-def score_file(run_dir: Path, data: Path, out: Path, batch_size: int = 65536) -> dict:
+def score_file(run_dir: Path, data: Path, out: Path, batch_size: int = 4096) -> dict:
     """Write the predictions of a finished run's ranker for every row of the table ``data``.
 
     ``data`` is read with the bundle's schema (its label columns may be absent) and encoded with the

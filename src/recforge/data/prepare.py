@@ -168,7 +168,6 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
     # the columns' own dtype, strings only where features of one vocabulary differ in dtype) and
     # stored as text; a saved vocabulary matches values by their text
     encoded: dict[str, pl.Expr] = {}
-    absent: dict[str, pl.Expr] = {}
     for vocab in schema.vocabs:
         users = [f for f in schema.categorical + schema.sequences if f.vocab == vocab and f.timeline is None]
         table = fitted.vocabularies[vocab] if fitted is not None else _fit_vocabulary(train, users)
@@ -179,18 +178,17 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
                 schema.domain_index = dict(zip(table["value"].cast(pl.String).to_list(), table["index"].to_list()))
         for f in users:
             col = pl.col(f.name)
-            if f.kind is Kind.SEQUENCE:
-                encoded[f.name] = col.list.eval(_encode(pl.element(), table))
-                absent[f.name] = col.list.eval(_encode(pl.element(), table) == OOV).list.sum()
-            else:
-                encoded[f.name] = _encode(col, table)
-                absent[f.name] = _encode(col, table) == OOV
+            encoded[f.name] = col.list.eval(_encode(pl.element(), table)) if f.kind is Kind.SEQUENCE else _encode(col, table)
+    frame = frame.with_columns(**encoded)
+    absent = {  # values no vocabulary entry holds: OOV after encoding (known values are >= 2)
+        name: (pl.col(name).list.eval(pl.element() == OOV).list.sum() if schema.feature(name).kind is Kind.SEQUENCE else pl.col(name) == OOV)
+        for name in encoded
+    }  # fmt: skip
     counts = frame.group_by("_split").agg(absent[name].cast(pl.Int64).sum().alias(name) for name in absent)
     oov = {name: {f: 0 for f in absent} for name in SPLITS}
     for row in counts.iter_rows(named=True):  # one row per split
         oov[SPLITS[row.pop("_split")]] = row
     (tmp / "oov.json").write_text(json.dumps(oov, indent=1))
-    frame = frame.with_columns(**encoded)
 
     # numeric normalisers: train mean and std
     if fitted is not None:

@@ -164,7 +164,7 @@ def _export_checked(model: Model, run_dir: Path, bundle: Path, path: Path) -> di
 def _write_graph(graph: BatchGraph, trace: Batch, path: Path) -> None:
     schema = graph.model.schema
     tensors = tuple(batch_tensors(trace, schema))
-    batch = torch.export.Dim("batch")
+    batch = torch.export.Dim.DYNAMIC  # a named Dim fails (and the exporter falls back to static shapes) on an input the model never reads
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # its notes on optional packages (torchvision) are no news to the user

@@ -119,7 +119,10 @@ class OnnxScorer(Scorer):
 
         super().__init__(model_name)
         self.schema = schema
-        self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as many as torch uses, not one spinning pool per core
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
