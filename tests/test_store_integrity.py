@@ -153,3 +153,8 @@ def test_score_writes_the_probabilities_of_every_row_in_file_order(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(truth, scores["click"].to_numpy()[1:]) > 0.8
+
+    assert recforge(tmp_path, "export", "run", "--out", "bundle").returncode == 0  # the exported bundle scores alike
+    done = recforge(tmp_path, "score", "bundle", "rows.csv", "--out", "from_bundle.parquet")
+    assert done.returncode == 0, done.stderr
+    assert pl.read_parquet(tmp_path / "from_bundle.parquet").equals(scores)

@@ -136,7 +136,7 @@ def score(
     data: Path,
     out: Annotated[Path, typer.Option(help="Parquet file of the predictions")] = Path("predictions.parquet"),
 ) -> None:
-    """Write the predictions of a finished run's model for every row of DATA (CSV or Parquet)."""
+    """Write the predictions of a finished run's model (RUN_DIR: the run folder or its exported bundle) for every row of DATA (CSV or Parquet)."""
     from recforge.experiment import score_file
 
     try:

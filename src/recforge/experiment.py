@@ -197,7 +197,8 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict:
 
 
 def score_file(run_dir: Path, data: Path, out: Path, batch_size: int = 4096) -> dict:
-    """Write the predictions of a finished run's ranker for every row of the table ``data``.
+    """Write the predictions of a finished run's ranker (``run_dir``: its run folder, or a bundle
+    written by ``recforge export``, whose manifest is checked first) for every row of the table ``data``.
 
     ``data`` is read with the bundle's schema (its label columns may be absent) and encoded with the
     bundle's vocabularies and normalisers. ``out`` (Parquet, written atomically) holds ``row`` (the
@@ -210,7 +211,14 @@ def score_file(run_dir: Path, data: Path, out: Path, batch_size: int = 4096) -> 
 
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder")
-    model, bundle = load_bundle(run_dir / "model"), bundle_folder(run_dir / "model")
+    if (run_dir / "manifest.json").is_file():  # an exported bundle
+        from recforge.serve.export import check_bundle
+
+        check_bundle(run_dir)
+        bundle = run_dir
+    else:
+        bundle = bundle_folder(run_dir / "model")
+    model = load_bundle(bundle)
     if not isinstance(model, Ranker):
         raise RunError(f"{run_dir}: model {model.registry_name!r} ranks no rows (it is not a ranker); score writes a ranker's probabilities")
     fitted = Fitted.load(bundle)
