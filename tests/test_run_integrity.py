@@ -199,8 +199,9 @@ def test_two_trainings_into_one_folder_at_once_one_wins(workdir):
 
     assert [code for code, _ in outcomes] == [0, 2], outcomes
     message = outcomes[1][1].strip()
-    assert re.fullmatch(
-        r"error: run: another process \(pid \d+\) is writing this run folder; wait for it to end or choose another --out",
+    assert re.fullmatch(  # the loser meets the winner's lock, or (when it starts late) the winner's finished run
+        r"error: run: (another process \(pid \d+\) is writing this run folder; wait for it to end or choose another --out"
+        r"|already holds a run .*; pass --overwrite to delete its outputs first, or --resume to continue it)",
         message,
     ), message
     metrics = json.loads((workdir / "run" / "metrics.json").read_text())
