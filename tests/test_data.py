@@ -329,3 +329,18 @@ def test_schema_errors_name_the_file_and_key(tmp_path):
         Schema.load(tmp_path / "schema.json")
     with pytest.raises(DataError, match=r"^schema: features\.0\.dtype: unknown dtype 'int'"):
         Schema.parse({"features": [{"name": "a", "kind": "categorical", "dtype": "int"}], "labels": ["y"]})
+
+
+def test_rows_that_give_one_key_two_vectors_are_refused(tmp_path):
+    frame = make_frame().with_columns(
+        pl.concat_list(pl.col("item_id").str.slice(1).cast(pl.Float32), pl.lit(1.0, pl.Float32)).alias("item_vec")
+    )
+    item = frame["item_id"][3]
+    first, later = frame.with_row_index().filter(pl.col("item_id") == item)["index"][:2].to_list()  # the key's first two rows
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == later).then(pl.lit([9.0, 9.0], pl.List(pl.Float32))).otherwise(pl.col("item_vec")).alias("item_vec")
+    )
+    schema = make_schema()
+    schema.features.append(Feature(name="item_vec", kind="embedding", key="item_id", dim=2))
+    with pytest.raises(DataError, match=rf"memory: embedding column 'item_vec' gives item_id '{item}' different vectors \(row {first + 1} and row {later + 1}\)"):
+        prepare(RawDataset(frame, Schema.model_validate(schema.model_dump()), "memory"), tmp_path / "s")

@@ -297,6 +297,16 @@ def _embedding_tables(raw: RawDataset, frame: pl.DataFrame, schema: Schema, out:
     frame = frame.with_columns(raw_keys.get_columns())
     for f in schema.embeddings:
         key = f"_key_{f.name}"
+        ordered = frame.select(key, f.name, "_row").sort("_row")
+        differing = ordered.with_columns(
+            pl.col(f.name).first().over(key).alias("_first"), pl.col("_row").first().over(key).alias("_first_row")
+        ).filter(pl.col(f.name) != pl.col("_first"))
+        if differing.height:  # one vector per key: the table keeps one, so rows must not disagree
+            value, first_row, row = differing[key][0], int(differing["_first_row"][0]), int(differing["_row"][0])
+            raise DataError(
+                f"{raw.origin}: embedding column {f.name!r} gives {f.key} {value!r} different vectors "
+                f"({locate(raw.origin, first_row)} and {locate(raw.origin, row)}); one vector per {f.key} is expected"
+            )
         first = frame.group_by(key, maintain_order=True).agg(pl.col(f.name).first())
         vectors = np.asarray(first[f.name].to_list(), dtype=np.float32).reshape(-1, f.dim)
         np.save(out / f"{f.name}.npy", vectors)
