@@ -427,3 +427,12 @@ def test_two_tower_learns_user_groups(schema):
         scores = model.user_embedding(test) @ model.item_embeddings()[2:].T  # [N, items]
     relevant = (torch.arange(2, N_ITEMS + 2)[None, :] % 4) == (test.categorical[:, :1] % 4)
     assert roc_auc_score(relevant.flatten(), scores.flatten()) > 0.7
+
+
+def test_a_model_declaring_a_capability_it_does_not_implement_cannot_be_built():
+    class HalfRetriever(Model, Retriever):  # declares retrieval, implements only the user side
+        def user_embedding(self, batch: Batch) -> torch.Tensor:
+            return torch.zeros(len(batch), 4)
+
+    with pytest.raises(TypeError, match="abstract class HalfRetriever with abstract method item_embeddings"):
+        HalfRetriever(Schema(features=[Feature(name="item_id", kind=Kind.CATEGORICAL)], labels=["click"]), None)

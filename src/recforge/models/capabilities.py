@@ -14,12 +14,14 @@ what to export:
 - :class:`FederatedSplit`: which parameters are global (averaged by the server) and which stay
   on the client.
 
-A model that cannot train by the plain ``recforge train`` loop names the protocol it needs in
-``required_protocol``.
+Each capability is an abstract base: a model class that declares one without implementing its
+methods cannot be built. A model that cannot train by the plain ``recforge train`` loop names the
+protocol it needs in ``required_protocol``.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -27,46 +29,51 @@ from torch import Tensor, nn
 from recforge.data.batch import Batch
 
 
-class Ranker:
+class Ranker(ABC):
     """Predicts one probability per label: ``predict(outputs) -> {label: [B]}``."""
 
+    @abstractmethod
     def predict(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        raise NotImplementedError
+        ...
 
 
 class Funnel(Ranker):
     """A click -> conversion funnel: ``predict`` holds the click, the conversion and ``ctcvr``."""
 
+    @abstractmethod
     def funnel_labels(self) -> tuple[str, str] | None:
         """``(click label, conversion label)``, or None when this instance predicts no funnel."""
-        raise NotImplementedError
 
 
-class Retriever:
+class Retriever(ABC):
     """Dot-product retrieval: ``user_embedding(batch) -> [B, D]``, ``item_embeddings() -> [I, D]``
     (row i = id i of the vocabulary of ``item_feature``)."""
 
     item_feature: str
 
+    @abstractmethod
     def user_embedding(self, batch: Batch) -> Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def item_embeddings(self) -> Tensor:
-        raise NotImplementedError
+        ...
 
 
-class EmbeddingGenerator:
+class EmbeddingGenerator(ABC):
     """Generates initial ID embeddings: ``generate(items [n], table) -> [n, D]``."""
 
+    @abstractmethod
     def generate(self, items: Tensor, table: nn.Module) -> Tensor:
-        raise NotImplementedError
+        ...
 
 
-class FederatedSplit:
+class FederatedSplit(ABC):
     """Names of the parameters the server aggregates; every other parameter stays on the client."""
 
+    @abstractmethod
     def global_parameter_names(self) -> list[str]:
-        raise NotImplementedError
+        ...
 
 
 class NeedsProtocol:

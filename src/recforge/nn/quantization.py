@@ -21,6 +21,8 @@ vector-search library.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -90,12 +92,12 @@ class KMeansCodebook(nn.Module):
         return self.centroids[codes]  # [N, D]
 
 
-class _Quantizer(nn.Module):
-    def encode(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+class _Quantizer(nn.Module, ABC):
+    @abstractmethod
+    def encode(self, x: Tensor) -> Tensor: ...
 
-    def decode(self, codes: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, codes: Tensor) -> Tensor: ...
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(quantized [N, D] with straight-through gradients, codes, {"commitment": ||x - sg(q)||^2})``."""
