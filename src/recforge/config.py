@@ -7,10 +7,8 @@ Unknown keys are errors at every level.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recforge.data.splits import SplitConfig
-from recforge.errors import ConfigError, RecforgeError
+from recforge.errors import ConfigError, RecforgeError, did_you_mean
 
 if TYPE_CHECKING:
     from recforge.train.trainer import TrainConfig
@@ -74,12 +72,6 @@ def _problem(error: Any, within: str) -> str:
         return f"{within}.{message}" if within else message
     key = f"{within}.{path}" if within else path
     return f"{key}: {message}"
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` with the choice closest to ``word``, or nothing when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

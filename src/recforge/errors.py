@@ -7,7 +7,16 @@ code 2; ``RECFORGE_DEBUG=1`` shows the full traceback instead.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 DEBUG_ENV = "RECFORGE_DEBUG"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` with the choice closest to ``word``, or nothing when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class RecforgeError(Exception):

@@ -11,7 +11,6 @@ it is saved as ``schema.json`` beside the encoded store and inside every exporte
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from enum import Enum
@@ -20,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recforge.errors import DataError
+from recforge.errors import DataError, did_you_mean
 
 PAD = 0  # index reserved for padding in every vocabulary
 OOV = 1  # index for values unseen in the train split (or below the min-count)
@@ -235,9 +234,7 @@ def _problems(err: ValidationError) -> str:
         loc = e["loc"]
         if e["type"] == "extra_forbidden":
             known = list((Feature if loc[0] == "features" else Schema).model_fields)
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            message = f"unknown key{hint}; keys: {', '.join(known)}"
+            message = f"unknown key{did_you_mean(str(loc[-1]), known)}; keys: {', '.join(known)}"
         elif e["type"] == "model_type":
             message = "expected a JSON object"
         elif e["type"] in ("enum", "literal_error"):

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recforge.config import did_you_mean, problems
+from recforge.config import problems
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
-from recforge.errors import ModelConfigError
+from recforge.errors import ModelConfigError, did_you_mean
 from recforge.models.capabilities import NeedsProtocol, Ranker
 from recforge.models.features import FeatureEmbedding
 

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from recforge.config import ConfigError, ExperimentConfig, did_you_mean
+from recforge.config import ConfigError, ExperimentConfig
+from recforge.errors import did_you_mean
 
 _PROTOCOLS: dict[str, type["Protocol"]] = {}
 

@@ -4,7 +4,6 @@ user's own table; every source returns a :class:`RawDataset`."""
 from __future__ import annotations
 
 import csv
-import difflib
 import importlib
 import inspect
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from recforge.data.schema import Feature, Kind, Schema
-from recforge.errors import ConfigError, DataError
+from recforge.errors import ConfigError, DataError, did_you_mean
 
 TEXT_TABLES = {".csv": ",", ".tsv": "\t"}  # suffix -> separator
 PARQUET = (".parquet", ".pq")
@@ -101,7 +100,7 @@ def check_options(name: str, options: dict[str, object]) -> None:
             raise ConfigError(f"data.options: data source {name!r} fixes {key!r} to {fixed[key]!r}; leave it out")
         if key not in accepted:
             raise ConfigError(
-                f"data.options: unknown option {key!r} for source {name!r}{_did_you_mean(key, accepted)}; "
+                f"data.options: unknown option {key!r} for source {name!r}{did_you_mean(key, accepted)}; "
                 f"options: {', '.join(accepted)}"
             )
     needed = [p.name for p in params.values() if p.default is p.empty and p.name not in fixed and p.name not in options]
@@ -114,14 +113,9 @@ def _loader(name: str) -> tuple[Callable[..., RawDataset], dict[str, object]]:
     if name == "file":
         return load_file, {}
     if name not in _SOURCES:
-        raise ConfigError(f"data.source: unknown data source {name!r}{_did_you_mean(name, SOURCES)}; known: {', '.join(SOURCES)}")
+        raise ConfigError(f"data.source: unknown data source {name!r}{did_you_mean(name, SOURCES)}; known: {', '.join(SOURCES)}")
     module, fixed = _SOURCES[name]
     return importlib.import_module(f"{__name__}.{module}").load, fixed
-
-
-def _did_you_mean(word: str, known: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_file(path: str | Path, schema: Schema | dict | str | Path, require_labels: bool = True) -> RawDataset:
