@@ -7,6 +7,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,15 @@ def _claim_outputs(out: Path, resume: bool, overwrite: bool) -> None:
         resume_point(out)  # no checkpoint: fail before the data is prepared
 
 
+@contextmanager
+def encoded_with_bundle(config: ExperimentConfig, bundle: Path) -> Iterator[Store]:
+    """A run's data, read again through its ``config`` and encoded with the vocabularies and
+    normalisers of ``bundle`` (never fitted anew), as a store in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="recforge-encoded-") as scratch:
+        raw = load_source(config.data.source, **config.data.options)
+        yield prepare(raw, Path(scratch) / "store", config.data.split, fitted=Fitted.load(bundle))
+
+
 def evaluate_run(run_dir: Path, split: str = "test") -> dict:
     """Recompute a finished run's metrics on ``split`` from its bundle alone.
 
@@ -188,10 +199,8 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict:
         raise RunError(f"{run_dir}: not a finished run (no readable metrics.json); train it to the end first") from None
     config = load_config(run_dir / "config.yaml")
     model, bundle = load_bundle(run_dir / "model"), bundle_folder(run_dir / "model")
-    with tempfile.TemporaryDirectory(prefix="recforge-evaluate-") as scratch:
-        raw = load_source(config.data.source, **config.data.options)
-        store = prepare(raw, Path(scratch) / "store", config.data.split, fitted=Fitted.load(bundle))
-        metrics = Trainer(model, store, TrainConfig(**config.train), scratch).evaluate(split)
+    with encoded_with_bundle(config, bundle) as store:
+        metrics = Trainer(model, store, TrainConfig(**config.train), store.path).evaluate(split)
         oov = json.loads((store.path / "oov.json").read_text())[split]
     return metrics | {f"{split}_oov_values": sum(oov.values())} | {f"{split}_oov_{k}": n for k, n in oov.items() if n}
 

@@ -27,7 +27,6 @@ import logging
 import math
 import re
 import shutil
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,9 +38,8 @@ from torch import Tensor, nn
 from recforge.bundle import bundle_folder, load_bundle
 from recforge.config import load_config
 from recforge.data.batch import Batch
-from recforge.data.prepare import Fitted, prepare
-from recforge.data.sources import load_source
 from recforge.errors import CheckpointError, RecforgeError, RunError
+from recforge.experiment import encoded_with_bundle
 from recforge.files import install_directory, stage_directory
 from recforge.models import Model
 from recforge.models.capabilities import Ranker
@@ -148,16 +146,15 @@ def _export_checked(model: Model, run_dir: Path, bundle: Path, path: Path) -> di
     if not isinstance(model, Ranker):
         return _not_exported(f"{model.registry_name} is not a ranker; only a ranker's probabilities are exported")
     config = load_config(run_dir / "config.yaml")
-    with tempfile.TemporaryDirectory(prefix="recforge-export-") as scratch:
-        try:
-            raw = load_source(config.data.source, **config.data.options)
-            view = prepare(raw, Path(scratch) / "store", config.data.split, fitted=Fitted.load(bundle)).split("test")
-        except RecforgeError as err:
-            return _not_exported(f"the run's data could not be read to check the graph on: {err}")
-        if not len(view):
-            return _not_exported("the run's test split has no rows to check the graph on")
-        trace = view.take(np.arange(TRACE_ROWS) % len(view))
-        check = view.take(np.arange(min(len(view), CHECK_ROWS)))
+    try:
+        with encoded_with_bundle(config, bundle) as store:
+            view = store.split("test")
+            if not len(view):
+                return _not_exported("the run's test split has no rows to check the graph on")
+            trace = view.take(np.arange(TRACE_ROWS) % len(view))
+            check = view.take(np.arange(min(len(view), CHECK_ROWS)))
+    except RecforgeError as err:
+        return _not_exported(f"the run's data could not be read to check the graph on: {err}")
     return export_graph(model, trace, check, path)
 
 
