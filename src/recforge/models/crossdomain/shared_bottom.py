@@ -1,7 +1,7 @@
 """Shared-bottom multi-domain model: one shared embedding and bottom MLP, one tower per domain.
 
 The classic hard-parameter-sharing baseline of multi-task and cross-domain CTR (Caruana,
-"Multitask Learning", 1997; the "shared-bottom" rows of MMoE, PLE and the cross-domain papers
+"Multitask Learning", Machine Learning 28(1), 1997; the "shared-bottom" rows of MMoE, PLE and the cross-domain papers
 this library implements). Every field is embedded in one table shared by the domains (list
 features and histories mean-pooled, as in DNN), a bottom MLP is shared, and each domain has its
 own tower; a row is scored by its own domain's tower. Trained on the rows of every domain with

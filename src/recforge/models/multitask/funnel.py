@@ -1,7 +1,9 @@
 """The shared contract of the entire-space conversion models (ESMM, ESCM2, DCMT, ChorusCVR).
 
 Each predicts a click label and a post-click conversion label: ``forward`` gives their logits
-under the two label names, and ``predict`` gives pCTR, pCVR and ``ctcvr`` = pCTR * pCVR.
+under the two label names, and ``predict`` gives pCTR, pCVR and ``ctcvr`` = pCTR * pCVR, the
+entire-space factorisation of ESMM (Ma et al., "Entire Space Multi-Task Model", SIGIR 2018,
+arXiv:1804.07931, eq. 1).
 :class:`SharedBottomTowers` is the backbone of ESCM2, DCMT and ChorusCVR, so that their
 comparison is about the losses only.
 """

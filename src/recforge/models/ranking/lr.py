@@ -1,8 +1,9 @@
-"""Logistic regression, the linear CTR baseline.
+"""Logistic regression, the linear CTR baseline (as in McMahan et al., "Ad Click Prediction: a View
+from the Trenches", KDD 2013, trained here by the library's optimisers rather than FTRL-Proximal).
 
     p(y = 1 | x) = sigmoid(b + sum_i w_{field_i, id_i} + sum_s mean_{j in s} w_{s, j} + w_num . x_num)
 
-What is chosen here (no paper to follow): one scalar weight per id, stored as a 1-wide
+Chosen here: one scalar weight per id, stored as a 1-wide
 :class:`~recforge.models.features.FeatureEmbedding` so the weights get sparse gradients like any
 embedding; a list feature (e.g. genres, a history) contributes the mean of its items' weights;
 numeric features enter through a linear layer whose bias is the global bias. ``embedding_dim`` of
