@@ -8,6 +8,7 @@ model/
   schema.json         the schema of the encoded data
   vocab/              the vocabularies (one Parquet file each)
   normalisers.json    the numeric normalisers
+  embedding/          the vector tables of embeddings from text or a vector file, with their keys
 ```
 
 :func:`load_bundle` rebuilds the model from these files alone: no store, no training data. A
@@ -44,6 +45,10 @@ def save_bundle(model: Model, store: Store, path: Path) -> None:
     store.schema.save(staging / "schema.json")
     shutil.copytree(store.path / "vocab", staging / "vocab")
     shutil.copy(store.path / "normalisers.json", staging / "normalisers.json")
+    for f in store.schema.content_embeddings:
+        (staging / "embedding").mkdir(exist_ok=True)
+        for name in (f"{f.name}.npy", f"{f.name}.keys.parquet"):
+            shutil.copy(store.path / "embedding" / name, staging / "embedding" / name)
     spec = {"name": model.registry_name, "params": dataclasses.asdict(model.config)}
     install_directory(staging, path, SPEC, json.dumps(spec, indent=2))
 

@@ -56,7 +56,8 @@ def prepare_store(data: DataConfig, root: Path = Path("runs/stores"), notice=_no
             stamp.unlink()  # readers without the lock see no store until the new one is complete
         with inputs.reading() as folder_files:
             raw = load_source(data.source, **data.options)
-        found = inputs.describe([*raw.inputs, *folder_files])
+        vector_files = [Path(f.vectors) for f in raw.schema.content_embeddings if f.vectors is not None and Path(f.vectors).is_file()]
+        found = inputs.describe([*raw.inputs, *folder_files, *vector_files])
         store = prepare(raw, path, data.split)
         document = {"config": wanted, "inputs": found, "fingerprint": inputs.fingerprint(wanted, found)}
         write_atomic(stamp, json.dumps(document, indent=1))

@@ -10,7 +10,7 @@ import polars as pl
 
 from recforge.data.sources import SOURCES
 from tests.bad_input import Case
-from tests.bad_input.files import CONFIG, SCHEMA, log_rows, user_files
+from tests.bad_input.files import CONFIG, SCHEMA, log_rows, user_files, write_csv
 
 PREPARE = ("prepare", "mine.yaml")
 INTEGER_ITEMS = {**SCHEMA, "features": [{**f, "dtype": "integer"} if f["name"] == "item_id" else f for f in SCHEMA["features"]]}
@@ -86,6 +86,28 @@ def with_schema(schema: dict) -> Callable[[Path], None]:
 
 TAGS = {**SCHEMA, "features": [*SCHEMA["features"], {"name": "tags", "kind": "sequence", "max_len": 3}]}
 N = len(log_rows())
+TEXT = {**SCHEMA, "features": [*SCHEMA["features"], {"name": "item_text", "kind": "embedding", "key": "item_id", "dim": 384, "text": ["title"]}]}
+VECTORS = {**SCHEMA, "features": [*SCHEMA["features"], {"name": "item_vector", "kind": "embedding", "key": "item_id", "dim": 4, "vectors": "vectors.parquet"}]}
+
+
+def with_titles(title: Callable[[int, int], str]) -> Callable[[Path], None]:
+    """The user's files with a ``title`` column (``title(row, item_id)``) that makes each item's text."""
+
+    def write(folder: Path) -> None:
+        user_files(folder, schema=TEXT)
+        write_csv(folder / "log.csv", [{**row, "title": title(k, row["item_id"])} for k, row in enumerate(log_rows())])
+
+    return write
+
+
+def with_vectors(vector: Callable[[int], list[float]], items: range = range(40)) -> Callable[[Path], None]:
+    """The user's files with ``vectors.parquet`` holding ``vector(item_id)`` for ``items``."""
+
+    def write(folder: Path) -> None:
+        user_files(folder, schema=VECTORS)
+        pl.DataFrame({"item_id": list(items), "vector": [vector(i) for i in items]}).write_parquet(folder / "vectors.parquet")
+
+    return write
 
 CASES = [
     Case("data", "a price written with a decimal comma", field(7, "price", '"3,5"'), PREPARE,
@@ -115,11 +137,25 @@ CASES = [
     Case("data", "a misspelt key in the schema",
          with_schema({**SCHEMA, "features": [*SCHEMA["features"][:3], {"name": "price", "knd": "numeric"}]}), PREPARE,
          "schema.json: features.3.kind: Field required; features.3.knd: unknown key (did you mean 'kind'?); "
-         "keys: name, kind, vocab, max_len, timeline, where, key, dim, min_count, dtype"),
+         "keys: name, kind, vocab, max_len, timeline, where, key, dim, min_count, dtype, text, text_from, vectors"),
     Case("data", "a misspelt option of a public data set", data_section("movielens-1m", "{histroy_len: 20}"), PREPARE,
          "data.options: unknown option 'histroy_len' for source 'movielens-1m' (did you mean 'history_len'?); "
          "options: label_threshold, history_len, root"),
     Case("data", "an unknown data source", data_section("movielens1m", "{}"), PREPARE,
          f"data.source: unknown data source 'movielens1m' (did you mean 'movielens-1m'?); known: {', '.join(SOURCES)}"),
+    Case("data", "an item text column missing from the file", lambda f: user_files(f, schema=TEXT), PREPARE,
+         "schema.json: data file log.csv lacks the schema's columns ['title'] (features.4.text.0); "
+         "it has ['user_id', 'item_id', 'zip', 'price', 'click']"),
+    Case("data", "an item whose text is empty", with_titles(lambda k, i: "" if i == 7 else f"item number {i}"), PREPARE,
+         "log.csv: text of 'item_text' is empty for item_id '7' (line 39): columns ['title'] hold no text"),
+    Case("data", "an item given two different texts", with_titles(lambda k, i: f"item {i}" + (" (new edition)" if i == 5 and k > 300 else "")), PREPARE,
+         "log.csv: text of 'item_text' differs for item_id '5' (line 33 and line 340); columns ['title'] describe the item_id "
+         "and must be equal on its rows (or set text_from: fit_rows)"),
+    Case("data", "a vector file of the wrong width", with_vectors(lambda i: [0.5, 1.0, 1.5]), PREPARE,
+         "vectors.parquet: row 1 (item_id 0): vector has 3 numbers, expected 4 (the width of 'item_vector')"),
+    Case("data", "NaN in a vector", with_vectors(lambda i: [0.5, float("nan") if i == 3 else 1.0, 1.5, 2.0]), PREPARE,
+         "vectors.parquet: row 4 (item_id 3): vector holds NaN or infinity"),
+    Case("data", "an item with no vector", with_vectors(lambda i: [0.5, 1.0, 1.5, 2.0], range(39)), PREPARE,
+         "vectors.parquet: no vector for item_id '39', which the data holds (1 keys without one)"),
     Case("data", "a data file that is not there", lambda f: user_files(f, data="logs.csv"), PREPARE, "data file not found: logs.csv"),
 ]  # fmt: skip

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from recforge.data import content
 from recforge.data.schema import N_RESERVED, OOV, Kind, Schema
 from recforge.data.sources import RawDataset, locate
 from recforge.data.splits import SPLITS, SplitConfig, assign_splits
@@ -27,6 +28,7 @@ from recforge.data.store import Store
 from recforge.errors import DataError
 
 _ID_DTYPES = (pl.String, pl.Categorical, pl.Enum, pl.Boolean)
+TEXT_DIM = 384  # width of the sentence encoder's vectors
 
 
 def validate(raw: RawDataset) -> None:
@@ -43,6 +45,13 @@ def validate(raw: RawDataset) -> None:
         raise DataError(f"{origin}: missing column(s) {missing}; the table has {frame.columns}")
     for f in schema.features:
         if f.timeline is not None:
+            continue
+        if f.kind is Kind.EMBEDDING and f.text is not None:
+            if f.dim != TEXT_DIM:
+                raise DataError(f"{origin}: text embedding {f.name!r} has dim {f.dim}; the sentence encoder gives {TEXT_DIM} numbers")
+            content.check_text_columns(frame, f, origin)
+            continue
+        if f.kind is Kind.EMBEDDING and f.vectors is not None:
             continue
         col = frame[f.name]
         if f.kind is Kind.CATEGORICAL:
@@ -119,7 +128,8 @@ class Fitted:
     """What preparation fits on the training rows: the schema's vocabulary sizes and domain ids, one
     vocabulary table per vocabulary (columns value as text, count, index) and the numeric normalisers.
 
-    A store and a model bundle hold the same files (``schema.json``, ``vocab/``, ``normalisers.json``),
+    A store and a model bundle hold the same files (``schema.json``, ``vocab/``, ``normalisers.json``
+    and, for embeddings from text or a vector file, ``embedding/<name>.npy`` with ``<name>.keys.parquet``),
     so :meth:`load` reads either; :func:`prepare` with ``fitted`` encodes new rows exactly as the
     model's training rows were encoded.
     """
@@ -127,12 +137,17 @@ class Fitted:
     schema: Schema
     vocabularies: dict[str, pl.DataFrame]
     normalisers: dict[str, dict[str, float]]
+    content: dict[str, tuple[pl.DataFrame, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, folder: Path) -> "Fitted":
         schema = Schema.load(folder / "schema.json")
         vocabularies = {vocab: pl.read_parquet(folder / "vocab" / f"{vocab}.parquet") for vocab in schema.vocabs}
-        return cls(schema, vocabularies, json.loads((folder / "normalisers.json").read_text()))
+        tables = {
+            f.name: (pl.read_parquet(folder / "embedding" / f"{f.name}.keys.parquet"), np.load(folder / "embedding" / f"{f.name}.npy"))
+            for f in schema.content_embeddings
+        }
+        return cls(schema, vocabularies, json.loads((folder / "normalisers.json").read_text()), tables)
 
 
 def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = None, fitted: Fitted | None = None) -> Store:
@@ -180,16 +195,6 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
             col = pl.col(f.name)
             encoded[f.name] = col.list.eval(_encode(pl.element(), table)) if f.kind is Kind.SEQUENCE else _encode(col, table)
     frame = frame.with_columns(**encoded)
-    absent = {  # values no vocabulary entry holds: OOV after encoding (known values are >= 2)
-        name: (pl.col(name).list.eval(pl.element() == OOV).list.sum() if schema.feature(name).kind is Kind.SEQUENCE else pl.col(name) == OOV)
-        for name in encoded
-    }  # fmt: skip
-    counts = frame.group_by("_split").agg(absent[name].cast(pl.Int64).sum().alias(name) for name in absent)
-    oov = {name: {f: 0 for f in absent} for name in SPLITS}
-    for row in counts.iter_rows(named=True):  # one row per split
-        oov[SPLITS[row.pop("_split")]] = row
-    (tmp / "oov.json").write_text(json.dumps(oov, indent=1))
-
     # numeric normalisers: train mean and std
     if fitted is not None:
         normalisers = {f.name: fitted.normalisers[f.name] for f in schema.numeric}
@@ -214,15 +219,27 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
         bounds = {}
         for view, (order, start, end) in views.items():
             bounds |= {f"_hist_start{_suffix(view)}": start, f"_hist_end{_suffix(view)}": end}
-            for field in sorted({f.timeline for f in schema.histories if f.view == view}):
-                values = frame[field].to_numpy().astype(np.int32)[order]
-                np.save(tmp / "timeline" / f"{field}{_suffix(view)}.npy", values)
+            for column in sorted({f.timeline for f in schema.histories if f.view == view}):
+                values = frame[column].to_numpy().astype(np.int32)[order]
+                np.save(tmp / "timeline" / f"{column}{_suffix(view)}.npy", values)
         frame = frame.with_columns(pl.Series(name, values) for name, values in bounds.items())
 
     # pretrained vectors: one table row per distinct key value (content is known for new ids too)
     if schema.embeddings:
         (tmp / "embedding").mkdir()
-        frame = _embedding_tables(raw, frame, schema, tmp / "embedding")
+        fit_codes = [SPLITS.index(name) for name in split.fit_on]
+        frame = _embedding_tables(raw, frame, schema, tmp / "embedding", pl.col("_split").is_in(fit_codes), fitted)
+
+    absent = {  # values no vocabulary entry holds: OOV after encoding (known values are >= 2)
+        name: (pl.col(name).list.eval(pl.element() == OOV).list.sum() if schema.feature(name).kind is Kind.SEQUENCE else pl.col(name) == OOV)
+        for name in encoded
+    }  # fmt: skip
+    absent |= {f.name: pl.col(f"_absent_{f.name}") for f in schema.content_embeddings}  # keys without content
+    counts = frame.group_by("_split").agg(absent[name].cast(pl.Int64).sum().alias(name) for name in absent)
+    oov = {name: {f: 0 for f in absent} for name in SPLITS}
+    for row in counts.iter_rows(named=True):  # one row per split
+        oov[SPLITS[row.pop("_split")]] = row
+    (tmp / "oov.json").write_text(json.dumps(oov, indent=1))
 
     for code, name in enumerate(SPLITS):
         _write_split(frame.filter(pl.col("_split") == code), schema, tmp / "splits" / name)
@@ -291,28 +308,86 @@ def _encode(expr: pl.Expr, table: pl.DataFrame) -> pl.Expr:
     return expr.cast(table["value"].dtype).replace_strict(table["value"], table["index"], default=OOV, return_dtype=pl.Int32)
 
 
-def _embedding_tables(raw: RawDataset, frame: pl.DataFrame, schema: Schema, out: Path) -> pl.DataFrame:
-    """Write each pretrained-vector table and replace the vector column by its row index."""
+def _embedding_tables(raw: RawDataset, frame: pl.DataFrame, schema: Schema, out: Path, fitting: pl.Expr, fitted: Fitted | None) -> pl.DataFrame:
+    """Write each pretrained-vector table (``<name>.npy``, its keys in ``<name>.keys.parquet``) and
+    replace the vector column by its row index; a content embedding also gets ``_absent_<name>``,
+    true on rows whose key has no content (its zero vector)."""
     raw_keys = raw.frame.select([pl.col(f.key).cast(pl.String).alias(f"_key_{f.name}") for f in schema.embeddings])
+    source = raw.frame.with_row_index("_row").with_columns(frame["_split"])  # raw values, in row order
     frame = frame.with_columns(raw_keys.get_columns())
     for f in schema.embeddings:
         key = f"_key_{f.name}"
-        ordered = frame.select(key, f.name, "_row").sort("_row")
-        differing = ordered.with_columns(
-            pl.col(f.name).first().over(key).alias("_first"), pl.col("_row").first().over(key).alias("_first_row")
-        ).filter(pl.col(f.name) != pl.col("_first"))
-        if differing.height:  # one vector per key: the table keeps one, so rows must not disagree
-            value, first_row, row = differing[key][0], int(differing["_first_row"][0]), int(differing["_row"][0])
-            raise DataError(
-                f"{raw.origin}: embedding column {f.name!r} gives {f.key} {value!r} different vectors "
-                f"({locate(raw.origin, first_row)} and {locate(raw.origin, row)}); one vector per {f.key} is expected"
-            )
-        first = frame.group_by(key, maintain_order=True).agg(pl.col(f.name).first())
-        vectors = np.asarray(first[f.name].to_list(), dtype=np.float32).reshape(-1, f.dim)
+        if f.text is not None or f.vectors is not None:
+            time = [schema.time] if schema.time is not None else []
+            columns = source.select(pl.col(f.key).cast(pl.String), "_row", "_split", *time, *(c for c in dict.fromkeys(f.text or []) if c != f.key))
+            keys, vectors = _content_table(raw, columns, f, fitting, fitted)
+        else:
+            keys, vectors = _row_vector_table(raw, frame, f, key)
         np.save(out / f"{f.name}.npy", vectors)
-        index = first.with_columns(pl.int_range(pl.len(), dtype=pl.Int32).alias("_idx")).select(key, "_idx")
+        keys.drop("absent", strict=False).write_parquet(out / f"{f.name}.keys.parquet")
+        index = keys.select(pl.col("key").alias(key), pl.int_range(pl.len(), dtype=pl.Int32).alias("_idx"), *(
+            [pl.col("absent").alias(f"_absent_{f.name}")] if "absent" in keys.columns else []
+        ))  # fmt: skip
         frame = frame.join(index, on=key, how="left").with_columns(pl.col("_idx").alias(f.name)).drop("_idx", key)
     return frame.sort("_row")
+
+
+def _row_vector_table(raw: RawDataset, frame: pl.DataFrame, f, key: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """The vectors of a raw vector column: one per key, which the key's rows must agree on."""
+    ordered = frame.select(key, f.name, "_row").sort("_row")
+    differing = ordered.with_columns(
+        pl.col(f.name).first().over(key).alias("_first"), pl.col("_row").first().over(key).alias("_first_row")
+    ).filter(pl.col(f.name) != pl.col("_first"))
+    if differing.height:  # one vector per key: the table keeps one, so rows must not disagree
+        value, first_row, row = differing[key][0], int(differing["_first_row"][0]), int(differing["_row"][0])
+        raise DataError(
+            f"{raw.origin}: embedding column {f.name!r} gives {f.key} {value!r} different vectors "
+            f"({locate(raw.origin, first_row)} and {locate(raw.origin, row)}); one vector per {f.key} is expected"
+        )
+    first = frame.group_by(key, maintain_order=True).agg(pl.col(f.name).first())
+    vectors = np.asarray(first[f.name].to_list(), dtype=np.float32).reshape(-1, f.dim)
+    return first.select(pl.col(key).alias("key")), vectors
+
+
+def _content_table(raw: RawDataset, rows: pl.DataFrame, f, fitting: pl.Expr, fitted: Fitted | None) -> tuple[pl.DataFrame, np.ndarray]:
+    """The vectors of a text or vector-file embedding, one per distinct key of ``rows`` (raw key,
+    ``_row``, ``_split``, time and text columns), with the keys (and texts) and whether each key has
+    no content (``absent``: its vector is zero). With ``fitted``: its table's vectors for the keys it
+    holds, and for new keys their encoded text (``text_from="key"``) or no content."""
+    time = raw.schema.time if raw.schema.time in rows.columns else None
+    if fitted is None:
+        if f.vectors is not None:
+            keys = rows.group_by(f.key, maintain_order=True).agg().select(pl.col(f.key).alias("key"))
+            return keys.with_columns(absent=pl.lit(False)), content.file_vectors(f, keys["key"])
+        texts = content.key_texts(rows, f, fitting, time, raw.origin).with_columns(absent=pl.col("text") == "")
+        return texts, _text_vectors(texts, f.dim)
+    known_keys, known = fitted.content[f.name]
+    keys = rows.group_by(f.key, maintain_order=True).agg().select(pl.col(f.key).alias("key"))
+    keys = keys.join(known_keys.with_row_index("_at"), on="key", how="left", maintain_order="left")
+    vectors = np.zeros((keys.height, f.dim), dtype=np.float32)
+    known_rows = (~keys["_at"].is_null()).to_numpy()
+    vectors[known_rows] = known[keys["_at"].drop_nulls().to_numpy()]
+    keys = keys.with_columns(absent=pl.col("_at").is_null())
+    if f.text is None:
+        return keys.select("key", "absent"), vectors
+    keys = keys.with_columns(pl.col("text").fill_null(""))
+    if f.text_from == "key" and not known_rows.all():  # new keys bring their own text
+        new = keys.filter(pl.col("absent"))["key"]
+        fresh = content.key_texts(rows.filter(pl.col(f.key).is_in(new.implode())), f, pl.lit(True), time, raw.origin)
+        at = keys.with_row_index("_i").join(fresh.with_row_index("_j"), on="key")
+        vectors[at["_i"].to_numpy()] = _text_vectors(fresh, f.dim)[at["_j"].to_numpy()]
+        keys = keys.join(fresh.rename({"text": "_fresh"}), on="key", how="left", maintain_order="left")
+        keys = keys.with_columns(pl.coalesce("_fresh", "text").alias("text"), absent=pl.lit(False))
+    return keys.select("key", "text", "absent"), vectors
+
+
+def _text_vectors(texts: pl.DataFrame, dim: int) -> np.ndarray:
+    """Sentence vectors of the ``text`` column, zero where a text is empty -> [K, dim]."""
+    vectors = np.zeros((texts.height, dim), dtype=np.float32)
+    present = (texts["text"] != "").to_numpy()
+    if present.any():
+        vectors[present] = content.sentence_vectors(texts["text"].filter(texts["text"] != "").to_list())
+    return vectors
 
 
 def _write_split(part: pl.DataFrame, schema: Schema, out: Path) -> None:

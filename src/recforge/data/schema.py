@@ -44,8 +44,16 @@ class Feature(BaseModel):
     - ``where``: for a history, keep only the timeline's events whose raw columns equal these
       values (e.g. ``{"domain": "target", "click": 1}``: the user's earlier clicks in one domain).
       Histories with the same ``where`` share one filtered timeline.
-    - ``key`` and ``dim``: for a pretrained embedding, the categorical feature whose id selects
-      the row of the vector table, and the vector's width.
+    - ``key`` and ``dim``: for a pretrained embedding, the categorical feature whose value selects
+      the vector, and the vector's width. The vector comes from one of three places: a raw column
+      of the feature's name holding one vector per row (the default); ``text``, the raw columns
+      whose values make the key's text, encoded by the sentence encoder at prepare time
+      (:mod:`recforge.data.content`); or ``vectors``, a Parquet file of the user's own vectors
+      with the key's column and a ``vector`` column.
+    - ``text_from``: for a text embedding, ``"key"`` (the default) when the text columns describe
+      the key and hold the same values on each of its rows (a title, a plot); ``"fit_rows"`` when
+      each row brings its own text (a review) and the key's text is that of its rows in the
+      fitting splits only, in time order: later rows are what is predicted and must not leak.
     - ``min_count``: values seen fewer times in the train split map to OOV.
     - ``dtype``: how the ids of a categorical or list-sequence column are read from a user's file
       (:func:`recforge.data.sources.load_file`): ``"string"`` (the default) keeps each id as the
@@ -66,6 +74,9 @@ class Feature(BaseModel):
     dim: int | None = None
     min_count: int = 1
     dtype: Literal["string", "integer"] = "string"
+    text: list[str] | None = None
+    text_from: Literal["key", "fit_rows"] = "key"
+    vectors: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Feature":
@@ -79,6 +90,12 @@ class Feature(BaseModel):
             raise ValueError(f"feature {self.name!r}: where filters a timeline; it needs timeline and >= 1 column")
         if self.kind is Kind.EMBEDDING and (self.key is None or not self.dim):
             raise ValueError(f"embedding feature {self.name!r} needs key and dim")
+        if (self.text is not None or self.vectors is not None) and self.kind is not Kind.EMBEDDING:
+            raise ValueError(f"feature {self.name!r}: only embeddings take text or vectors")
+        if self.text is not None and self.vectors is not None:
+            raise ValueError(f"embedding feature {self.name!r}: give text or vectors, not both")
+        if self.text is not None and not self.text:
+            raise ValueError(f"embedding feature {self.name!r}: text needs at least one column")
         if self.min_count < 1:
             raise ValueError(f"feature {self.name!r}: min_count must be >= 1")
         if self.dtype != "string" and (self.kind not in (Kind.CATEGORICAL, Kind.SEQUENCE) or self.timeline):
@@ -192,8 +209,15 @@ class Schema(BaseModel):
         """Every timeline view the histories read: name -> filter ({} for all events)."""
         return {f.view: dict(f.where or {}) for f in self.histories}
 
+    @property
+    def content_embeddings(self) -> list[Feature]:
+        """Embeddings whose vectors come from text or a vector file rather than a raw column."""
+        return [f for f in self.embeddings if f.text is not None or f.vectors is not None]
+
     def raw_columns(self) -> list[str]:
-        cols = [f.name for f in self.features if f.timeline is None]
+        content = {f.name for f in self.content_embeddings}
+        cols = [f.name for f in self.features if f.timeline is None and f.name not in content]
+        cols += [c for f in self.content_embeddings for c in (f.text or []) if c not in cols]
         cols += [c for f in self.histories for c in (f.where or {}) if c not in cols]
         cols += [c for c in self.labels if c not in cols]
         if self.time is not None and self.time not in cols:

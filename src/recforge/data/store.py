@@ -5,7 +5,8 @@ Layout written by :func:`recforge.data.prepare.prepare`::
     schema.json  split.json  normalisers.json  vocab/<vocab>.parquet
     timeline/<field>.npy                 # [E] int32, every event sorted by (user, time, row)
     timeline/<field>@<view>.npy          # [E_v] int32, the events of a filtered view (``Feature.where``)
-    embedding/<feature>.npy              # [K, D] float32 pretrained vectors
+    embedding/<feature>.npy              # [K, D] float32 pretrained vectors, one per key
+    embedding/<feature>.keys.parquet     # the K keys as text (and, from text, each key's text)
     splits/<split>/categorical.npy       # [N, F_cat] int32
                    numeric.npy           # [N, F_num] float32 (normalised)
                    labels.npy            # [N, T] float32
@@ -33,6 +34,7 @@ import torch
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Schema
+from recforge.errors import DataError
 from recforge.data.splits import SPLITS
 
 STAMP_FILE = "data.json"  # written by recforge.experiment.prepare_store: config, inputs, fingerprint
@@ -93,6 +95,35 @@ class Store:
     @cached_property
     def vectors(self) -> dict[str, np.ndarray]:
         return {f.name: _load(self.path / "embedding" / f"{f.name}.npy") for f in self.schema.embeddings}
+
+    def vector_keys(self, name: str) -> pl.DataFrame:
+        """The keys of embedding ``name``'s table, one per row (column ``key`` as text; ``text`` for a text embedding)."""
+        return pl.read_parquet(self.path / "embedding" / f"{name}.keys.parquet")
+
+    def _by_vocab(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(vocabulary index, table row) of every key of embedding ``name`` that its key's vocabulary holds."""
+        vocab = self.schema.feature(self.schema.feature(name).key).vocab
+        pairs = self.vector_keys(name).with_row_index("_row").join(self.vocabulary(vocab), left_on="key", right_on="value")
+        return pairs["index"].to_numpy(), pairs["_row"].to_numpy()
+
+    def vectors_by_vocab(self, name: str) -> np.ndarray:
+        """Embedding ``name``'s vectors by its key's vocabulary index -> [V, D] float32: row v is the
+        vector of the key encoded v; padding, OOV and keys without content are zero."""
+        f = self.schema.feature(name)
+        out = np.zeros((self.schema.vocab_size(self.schema.feature(f.key).vocab), f.dim), dtype=np.float32)
+        index, row = self._by_vocab(name)
+        out[index] = self.vectors[name][row]
+        return out
+
+    def texts_by_vocab(self, name: str) -> list[str]:
+        """Text embedding ``name``'s texts by its key's vocabulary index ("" for padding, OOV and keys without text)."""
+        f = self.schema.feature(name)
+        if f.text is None:
+            raise DataError(f"embedding {name!r} is not made from text")
+        out = np.full(self.schema.vocab_size(self.schema.feature(f.key).vocab), "", dtype=object)
+        index, row = self._by_vocab(name)
+        out[index] = self.vector_keys(name)["text"].to_numpy()[row]
+        return out.tolist()
 
 
 class SplitView:

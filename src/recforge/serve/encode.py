@@ -2,7 +2,9 @@
 
 A row is a JSON object holding every input of the model under its raw column name, and nothing
 else (no labels, no time): one id per categorical feature, one number per numeric feature, a
-list of ids per sequence, a list of ``dim`` numbers per pretrained embedding. A history is the
+list of ids per sequence, a list of ``dim`` numbers per pretrained embedding (except an embedding
+from text or a vector file: the model's table gives its key's vector, zero for a key it has not
+seen, which is counted as OOV). A history is the
 list of the user's raw item ids (of the history's timeline feature), oldest first, newest last.
 
 The rules are those of training (:func:`recforge.data.sources.load_file` and
@@ -33,7 +35,7 @@ import torch
 
 from recforge.data.batch import Batch
 from recforge.data.prepare import Fitted
-from recforge.data.schema import OOV, PAD, Feature, Kind
+from recforge.data.schema import N_RESERVED, OOV, PAD, Feature, Kind
 from recforge.data.sources import MISSING_WORDS
 from recforge.data.store import last_window
 from recforge.errors import DataError
@@ -114,8 +116,15 @@ class RowEncoder:
         self.lookup = VocabularyLookup(fitted.vocabularies)
         self.mean = np.array([fitted.normalisers[f.name]["mean"] for f in self.schema.numeric], dtype=np.float64)
         self.std = np.array([fitted.normalisers[f.name]["std"] for f in self.schema.numeric], dtype=np.float64)
-        self.features = {f.name: f for f in self.schema.features}
+        content = {f.name for f in self.schema.content_embeddings}  # looked up by key, not sent
+        self.features = {f.name: f for f in self.schema.features if f.name not in content}
         self._expected = frozenset(self.features)
+        self.content = {
+            f.name: (VocabularyLookup({f.name: keys.select(pl.col("key").alias("value"), pl.int_range(N_RESERVED, pl.len() + N_RESERVED).alias("index"))}),
+                     np.concatenate([np.zeros((N_RESERVED, f.dim), dtype=np.float32), vectors]))
+            for f in self.schema.content_embeddings
+            for keys, vectors in [fitted.content[f.name]]
+        }  # fmt: skip
 
     @property
     def fields(self) -> dict[str, str]:
@@ -179,6 +188,16 @@ class RowEncoder:
             window = last_window(padded, offsets[:-1] + 1, offsets[1:] + 1, f.max_len).astype(np.int64)
             sequences[f.name] = torch.from_numpy(window)
             absent[f.name] = (window == OOV).sum(axis=1)
+        embeddings = {f.name: torch.from_numpy(column[f.name]) for f in schema.embeddings if f.name in column}
+        for name, (lookup, vectors) in self.content.items():  # a key without content: the zero vector
+            f = schema.feature(name)
+            key = column[f.key]
+            if isinstance(key, list):
+                (rows,) = lookup([(name, key)])
+                absent[name] = ~vectors[rows].any(axis=1)
+            else:  # the key is left out (padding)
+                rows, absent[name] = np.full(n, PAD, dtype=np.int32), np.zeros(n, dtype=bool)
+            embeddings[name] = torch.from_numpy(vectors[rows])
         starts = np.cumsum([0] + [part.n for part in parts[:-1]])
         per_part = {name: np.add.reduceat(flags.astype(np.int64), starts) for name, flags in absent.items()}
         oov = [{name: int(counts[k]) for name, counts in per_part.items()} for k in range(len(parts))]
@@ -189,7 +208,7 @@ class RowEncoder:
             categorical=categorical,
             numeric=torch.from_numpy(((numeric - self.mean) / self.std).astype(np.float32)),
             sequences=sequences,
-            embeddings={f.name: torch.from_numpy(column[f.name]) for f in schema.embeddings},
+            embeddings=embeddings,
             group=categorical[:, names.index(schema.user)] if schema.user else None,
             domain=categorical[:, names.index(schema.domain)] if schema.domain else None,
             row=torch.arange(n),

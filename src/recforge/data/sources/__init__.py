@@ -132,7 +132,9 @@ def load_file(path: str | Path, schema: Schema | dict | str | Path, require_labe
     - the time column is a number (Int64 when every value is an integer, else Float64), e.g. unix
       seconds; dates are not parsed;
     - a column that only a history's ``where`` filters on is a number when the filter value is;
-    - undeclared columns stay text; sequences and embeddings hold lists, which need Parquet.
+    - undeclared columns stay text, and so do the text columns of an embedding from text (an empty
+      field is an empty text); sequences and embeddings hold lists, which need Parquet (an
+      embedding from text or a vector file has no column of its own).
 
     Numbers may have surrounding spaces, ids may not. An empty field is a missing value, a line
     without any value an error; blank lines that end the file are ignored.
@@ -182,7 +184,10 @@ def _declared_at(schema: Schema) -> dict[str, str]:
     """Every raw column the schema reads -> the key that declares it (``features.2.name``, ``labels.0``, ...)."""
     at: dict[str, str] = {}
     for i, f in enumerate(schema.features):
-        if f.timeline is None:
+        if f.text is not None:
+            for j, column in enumerate(f.text):
+                at.setdefault(column, f"features.{i}.text.{j}")
+        elif f.timeline is None and f.vectors is None:
             at.setdefault(f.name, f"features.{i}.name")
     for i, label in enumerate(schema.labels):
         at.setdefault(label, f"labels.{i}")
@@ -238,7 +243,10 @@ def _parse_text(text: pl.DataFrame, schema: Schema, origin: str) -> pl.DataFrame
         raise DataError(f"{origin}: {at(_first(empty))}: every field is empty")
     parsed: dict[str, pl.Series] = {}
     for f in schema.features:
-        if f.timeline is not None:
+        if f.timeline is not None or f.vectors is not None:
+            continue
+        if f.text is not None:  # an empty field is an empty text
+            parsed |= {column: text[column].fill_null("") for column in f.text if column not in parsed}
             continue
         if f.kind in (Kind.SEQUENCE, Kind.EMBEDDING):
             raise DataError(f"{origin}: column {f.name!r}: a {f.kind.value} column holds lists, which CSV cannot; use Parquet")
