@@ -74,6 +74,7 @@ _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "amazon-cross-phone-electronic": ("amazon_crossdomain", {"pair": "phone_electronic"}),
     "amazon-cross-sport-phone": ("amazon_crossdomain", {"pair": "sport_phone"}),
     "amazon-cross-cloth-electronic": ("amazon_crossdomain", {"pair": "cloth_electronic"}),
+    "amazon-musical-instruments": ("amazon_reviews", {}),
 }
 SOURCES = (*_SOURCES, "file")
 

@@ -9,7 +9,11 @@ are in the order it received them. ``click`` = rating >= ``label_threshold``. Fe
 - with ``extras`` (MeLU's OMDb records of the ML-1M movies, ``movies_extrainfos.dat``): for
   each name in ``extras`` (``director``, ``writer``, ``actors``) a list of the first
   ``extras_max`` people, without the parenthesised roles; "N/A" and movies absent from the
-  file give an empty list.
+  file give an empty list;
+- with ``text``: the string columns ``title``, ``director_text``, ``actors_text``, ``plot`` and
+  ``item_text``, the sentence-encoder vector of each movie's text, exactly as the
+  ``movielens-1m`` source makes them (:mod:`recforge.data.sources.movielens`); the credits are
+  named apart from the people lists of ``extras``, which keep ``director`` and ``actors``.
 
 Movies with fewer than ``min_item_ratings`` ratings are removed from the table on purpose: the
 cold-start protocol (old movies >= 300 ratings, new movies 80 to 299) uses no rarer movie.
@@ -23,13 +27,16 @@ from pathlib import Path
 import polars as pl
 
 from recforge.data.schema import Feature, Kind, Schema
-from recforge.data.sources import RawDataset, text_lines
+from recforge.data.sources import RawDataset
 from recforge.data.sources._download import dataset_dir
-from recforge.data.sources.movielens import GENRES_MAX_LEN, ML_1M, _parse, _read_1m
+from recforge.data.sources.movielens import (
+    EXTRAS, EXTRAS_FOLDER, GENRES_MAX_LEN, ML_1M, _parse, _read_1m, movie_texts, read_extras, text_feature,
+)  # fmt: skip
 from recforge.errors import DataError
 
-EXTRAS_FILE = "movies_extrainfos.dat"
 EXTRA_FIELDS = ("director", "writer", "actors")  # columns 7, 8, 9 of the extras file
+TEXT = ["title", "year", "genres", "director_text", "actors_text", "plot"]  # item_text's columns
+TEXT_COLUMNS = ["title", "director_text", "actors_text", "plot"]  # the string columns text adds
 # function words dropped from titles, so that sharing "the" does not make two movies neighbours
 TITLE_STOPWORDS = ("the", "a", "an", "of", "and", "in", "on", "to", "for", "la", "le", "les", "de", "il", "el")
 USER_FIELDS = ["user_id", "gender", "age", "occupation"]
@@ -43,12 +50,14 @@ def load(
     extras_max: int = 3,
     root: str | Path | None = None,
     extras_root: str | Path | None = None,
+    text: bool = False,
 ) -> RawDataset:
     """Ratings of MovieLens-1M with the item attributes of the cold-start protocol.
 
     ``root``: the folder of ``ml-1m.zip`` (``$RECFORGE_DATA/movielens-1m`` by default);
     ``extras_root``: the folder of ``movies_extrainfos.dat``
-    (``$RECFORGE_DATA/movielens-1m-melu-extrainfos`` by default; read only when ``extras``).
+    (``$RECFORGE_DATA/movielens-1m-melu-extrainfos`` by default; read only with ``extras`` or
+    ``text``).
     """
     extras = list(extras or [])
     unknown = sorted(set(extras) - set(EXTRA_FIELDS))
@@ -60,12 +69,16 @@ def load(
     archive = base / ML_1M.name
     ratings, users, movies, origin = _read_1m(archive)
     movies = movies.join(_titles(archive, title_words_max), on="item_id", how="left", validate="1:1")
-    if extras:
-        folder = dataset_dir("movielens-1m-melu-extrainfos", [], root=extras_root)
-        people = _extras(folder / EXTRAS_FILE, extras, extras_max)
-        movies = movies.join(people, on="item_id", how="left", validate="1:1").with_columns(
-            pl.col(name).fill_null(pl.lit([], dtype=pl.List(pl.String))) for name in extras
-        )
+    if extras or text:
+        extras_file = dataset_dir(EXTRAS_FOLDER, [EXTRAS], root=extras_root) / EXTRAS.name
+        if extras:
+            people = _extras(extras_file, extras, extras_max)
+            movies = movies.join(people, on="item_id", how="left", validate="1:1").with_columns(
+                pl.col(name).fill_null(pl.lit([], dtype=pl.List(pl.String))) for name in extras
+            )
+        if text:
+            credits = movie_texts(archive, extras_file).rename({"director": "director_text", "actors": "actors_text"})
+            movies = movies.join(credits, on="item_id", how="left", validate="1:1")
     frame = (
         ratings.filter(pl.len().over("item_id") >= min_item_ratings)
         .join(users, on="user_id", how="left", validate="m:1")
@@ -77,16 +90,19 @@ def load(
         missing = frame.filter(pl.col(column).is_null())
         if missing.height:
             raise DataError(f"{origin[source]}: no entry for {key} {missing[key][0]}")
-    frame = frame.select(*USER_FIELDS, "item_id", "year", "title_words", "genres", *extras, "rating", "timestamp", "click")
-    return RawDataset(frame=frame, schema=schema(title_words_max, extras, extras_max), origin=origin["ratings"])
+    texts = TEXT_COLUMNS if text else []
+    frame = frame.select(*USER_FIELDS, "item_id", "year", "title_words", "genres", *extras, *texts, "rating", "timestamp", "click")
+    return RawDataset(frame=frame, schema=schema(title_words_max, extras, extras_max, text), origin=origin["ratings"])
 
 
-def schema(title_words_max: int = 5, extras: list[str] | None = None, extras_max: int = 3) -> Schema:
+def schema(title_words_max: int = 5, extras: list[str] | None = None, extras_max: int = 3, text: bool = False) -> Schema:
     """Schema of :func:`load`'s frame; the item attribute fields come after ``item_id``."""
     features = [Feature(name=c, kind=Kind.CATEGORICAL) for c in [*USER_FIELDS, "item_id", "year"]]
     features.append(Feature(name="title_words", kind=Kind.SEQUENCE, max_len=title_words_max))
     features.append(Feature(name="genres", kind=Kind.SEQUENCE, max_len=GENRES_MAX_LEN, vocab="genre"))
     features += [Feature(name=name, kind=Kind.SEQUENCE, max_len=extras_max) for name in extras or []]
+    if text:
+        features.append(text_feature(TEXT))
     return Schema(features=features, labels=["click"], user="user_id", time="timestamp")
 
 
@@ -105,25 +121,11 @@ def _titles(archive: Path, max_words: int) -> pl.DataFrame:
 
 def _extras(path: Path, names: list[str], max_people: int) -> pl.DataFrame:
     """item_id -> one list of people per name in ``names``, read from MeLU's extras file."""
-    if not path.is_file():
-        raise DataError(f"MovieLens extras file not found: {path}")
-    lines = text_lines(path.read_bytes(), str(path)).select("line", pl.col("text").str.split("::"))
-    bad = lines.filter(pl.col("text").list.len() != 11)
-    if bad.height:
-        raise DataError(f"{path}, line {bad['line'][0]}: expected 11 fields separated by '::', found {bad['text'][0].len()}")
-    item = pl.col("text").list.get(0).str.strip_chars().cast(pl.Int64, strict=False)
-    bad = lines.filter(item.is_null())
-    if bad.height:
-        raise DataError(f"{path}, line {bad['line'][0]}: MovieID {bad['text'][0][0]!r} is not an integer")
     columns = {
-        name: pl.col("text").list.get(6 + EXTRA_FIELDS.index(name))
+        name: pl.col(name.capitalize())
         .str.replace_all(r"\([^)]*\)", "").str.split(",")
         .list.eval(pl.element().str.strip_chars().filter((pl.element() != "") & (pl.element() != "N/A")))
         .list.unique(maintain_order=True).list.head(max_people)
         for name in names
     }  # fmt: skip
-    table = lines.select("line", item.alias("item_id"), **columns)
-    repeated = table.filter(pl.col("item_id").is_duplicated())
-    if repeated.height:
-        raise DataError(f"{path}, line {repeated['line'][1]}: MovieID {repeated['item_id'][0]} appears twice")
-    return table.drop("line")
+    return read_extras(path).select("item_id", **columns)
