@@ -1,0 +1,1 @@
+"""Multi-modal models: item content fused with IDs end-to-end."""
