@@ -22,6 +22,8 @@ from recforge.data.store import Store
 from recforge.models import Model, build_model, registered
 from recforge.models.capabilities import EmbeddingGenerator, Ranker, Retriever
 from recforge.train.optim import Optimizers
+from tests.test_qarm import TINY as QARM_TINY
+from tests.test_qarm import content_frame, content_schema
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,6 +36,10 @@ CASES: dict[str, tuple[str, dict]] = {
     "unicdr": ("cross_domain", {"embedding_dim": 8, "num_negatives": 3, "side_features": True, "item_graph": True,
                                 "multi_behaviour": True, "aggregator": "self_attention"}),
     "gme": ("synthetic", {"embedding_dim": 16, "attributes": ["f1", "f2"], "variant": "gme_a"}),
+    "qarm": ("content", QARM_TINY),
+    "em3": ("synthetic", {"text": None, "attributes": ["f1", "f2"]}),
+    "freedom": ("content", {"embedding_dim": 8}),
+    "em3_freedom": ("content", {"embedding_dim": 8, "text": None, "vectors": ["item_text"], "fq_heads": 2}),
 }  # fmt: skip
 
 
@@ -57,6 +63,7 @@ def stores(tmp_path_factory) -> dict[str, Store]:
     return {
         "synthetic": prepare(synthetic, root / "synthetic", SplitConfig()),
         "cross_domain": prepare(tiny_cross_domain(), root / "cross_domain", SplitConfig(kind="cross_domain")),
+        "content": prepare(RawDataset(content_frame(), content_schema(), "tiny"), root / "content", SplitConfig()),
     }
 
 
