@@ -155,7 +155,7 @@ def test_trigger_is_the_most_similar_earlier_positive_within_the_window():
 
 
 def test_alignment_loss_falls_on_real_pairs(store, side):
-    report = build_model("qarm", store.schema, TINY, side=side).code_report()
+    report = build_model("qarm", store.schema, TINY, side=side).side_report()
     assert report["pairs_u2i"] > 500 and report["pairs_i2i"] > 500
     assert report["align_loss_after"] < 0.9 * report["align_loss_before"], report
 
@@ -210,7 +210,7 @@ def test_rq_codes_recover_the_content_clusters_and_the_report_counts_them(store,
     cluster = torch.from_numpy(raw % CLUSTERS)
     assert len(torch.unique(torch.stack([first, cluster], 1), dim=0)) == CLUSTERS  # one level-1 code per cluster
     assert (side["rq_codes"][:2] == 0).all() and (side["vq_codes"][:2] == 0).all()  # pad and OOV: no code
-    report = build_model("qarm", store.schema, TINY, side=side).code_report()
+    report = build_model("qarm", store.schema, TINY, side=side).side_report()
     assert report["rq_usage_l1"] == 1.0 and report["rq_collision_l1"] == 1.0
     assert report["rq_collision_l2"] <= report["rq_collision_l1"] and 0 < report["vq_usage"] <= 1
     assert report["items_coded"] == N_ITEMS
@@ -281,7 +281,7 @@ def test_every_study_switch_builds_and_trains_a_step(store, params):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []  # the frozen encoder and codebooks are buffers
     assert not any(n.startswith(("head.", "quantizer.")) for n in model.state_dict())  # ... kept in the side data
     if params.get("content") == "none":
-        assert model.side == {} and model.code_report() == {}
+        assert model.side == {} and model.side_report() == {}
 
 
 def test_rebuilt_from_its_bundle_alone(store, side, tmp_path):
@@ -293,7 +293,7 @@ def test_rebuilt_from_its_bundle_alone(store, side, tmp_path):
     batch = batches_of(store, "test")
     with torch.inference_mode():
         assert torch.equal(model(batch)["click"], rebuilt(batch)["click"])
-    assert rebuilt.code_report() == model.code_report() and rebuilt.code_report()["align_loss_after"] > 0
+    assert rebuilt.side_report() == model.side_report() and rebuilt.side_report()["align_loss_after"] > 0
     assert set(rebuilt.side) == set(model.side)
 
 
@@ -341,3 +341,4 @@ def test_recforge_train_runs_qarm_on_a_tiny_store(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.5 < metrics["test_click_auc"] <= 1.0
     assert Path(tmp_path / "run" / "model" / "side.safetensors").exists()
+    assert 0 < metrics["side_rq_usage_l1"] <= 1 and 0 <= metrics["side_rq_collision_l2"] <= 1  # the code report

@@ -135,6 +135,7 @@ def run(
         metrics = trainer.fit(resume=resume)
         if not trainer.is_main:
             return {}
+        metrics |= {f"side_{name}": value for name, value in model.side_report().items()}
         (out / "metrics.json").unlink(missing_ok=True)  # not finished while the outputs below are rewritten
         save_bundle(model, store, out / "model")
         write_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -71,6 +71,10 @@ class Model(nn.Module):
         """The tensors the model needs beyond its weights, computed from ``store``'s training data."""
         return {}
 
+    def side_report(self) -> dict[str, float]:
+        """Figures about the side data (codebook use, pair counts ...), written beside the run's metrics as ``side_<name>``."""
+        return {}
+
     @classmethod
     def needs_side_data(cls) -> bool:
         return cls.side_data.__func__ is not Model.side_data.__func__  # type: ignore[attr-defined]

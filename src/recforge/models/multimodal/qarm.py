@@ -54,7 +54,7 @@ Side data (:meth:`QARM.side_data`), rows indexed by the target's vocabulary (V i
 ``vector``), ``rq_codes`` [V, Lq] and ``rq_centroids`` [Lq, K, d_m], ``vq_codes`` [V, 25] and
 ``vq_pool`` [N, d_m] (content ``codes``), and ``report.<name>`` scalars: the alignment loss
 before and after training, the pair counts, and per level the codebook use and collision rate,
-which :meth:`QARM.code_report` gives as named floats.
+which :meth:`QARM.side_report` gives as named floats (a run writes them beside its metrics as ``side_<name>``).
 """
 
 from __future__ import annotations
@@ -431,7 +431,7 @@ class QARM(DIN):
         found = super().sparse_parameters()
         return found + [t.weight for t in self.code_tables if not t.sparse]
 
-    def code_report(self) -> dict[str, float]:
+    def side_report(self) -> dict[str, float]:
         """Alignment loss, pair counts, codebook use and collision rate per level, as named floats."""
         return code_report(self.side)
 
