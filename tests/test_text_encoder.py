@@ -26,6 +26,18 @@ MIXED_LENGTHS = [
     "Another fairly long sentence, with commas, numbers like 1234 and punctuation!",
     "Two words",
 ]
+SYNONYMS = [
+    ("The dress fits perfectly and looks great.", "This dress has a perfect fit and looks lovely."),
+    ("How do I reset my password?", "What are the steps to change my password?"),
+    ("She bought a new car last week.", "Last week she purchased a new automobile."),
+    ("I would like to return these shoes.", "I want to send these shoes back."),
+]
+UNRELATED_PAIRS = [
+    ("The dress fits perfectly and looks great.", "Quantum computers use qubits."),
+    ("How do I reset my password?", "The river flooded the village in spring."),
+    ("She bought a new car last week.", "The algorithm sorts the list in linear time."),
+    ("I would like to return these shoes.", "Photosynthesis converts light into chemical energy."),
+]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +119,37 @@ def test_paraphrases_are_closer_than_unrelated_sentences(encoder):
     unrelated = [cosine[i, j] for i, j in pairs]
     assert paraphrase > 0.7
     assert paraphrase > max(unrelated)
+
+
+def test_every_paraphrase_pair_scores_above_every_unrelated_pair(encoder):
+    def cosines(pairs):
+        left, right = (encoder.encode([pair[side] for pair in pairs]) for side in (0, 1))
+        return (left * right).sum(1)
+
+    assert cosines(SYNONYMS).min() > cosines(UNRELATED_PAIRS).max()
+
+
+def test_batches_pad_to_their_longest_text_in_word_pieces(encoder):
+    # characters 18, 17, 21, 3; word pieces 6, 11, 9, 4 ([CLS] and [SEP] included)
+    texts = ["one two three four", "a b c d e f g h i", "Supercalifragilistic!", "Hi."]
+    fed = []
+    hook = encoder.model.embeddings.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        batched = encoder.encode(texts, batch_size=2)
+    finally:
+        hook.remove()
+    assert fed == [(2, 11), (2, 6)]
+    alone = np.stack([plain_embedding(encoder, text) for text in texts])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_texts_are_tokenised_window_by_window(encoder, monkeypatch):
+    monkeypatch.setattr(encoder_module, "_WINDOW_BATCHES", 2)
+    windowed = encoder.encode(MIXED_LENGTHS, batch_size=1)
+    alone = np.stack([plain_embedding(encoder, text) for text in MIXED_LENGTHS])
+    np.testing.assert_allclose(windowed, alone, atol=1e-5)
 
 
 def test_batched_equals_each_text_alone(encoder):

