@@ -195,21 +195,39 @@ def item_attributes(store: "Store", target: str, attributes: list[str]) -> dict[
     return out
 
 
-def check_side(schema: Schema, config: EM3Config, side: dict[str, Tensor]) -> None:
-    """``side`` holds every table the config reads, one row per item, T tokens per text."""
-    needed = (["text_states", "text_mask"] if config.text else []) + [f"vectors.{n}" for n in config.vectors]
-    needed += [f"attributes.{n}" for n in config.attributes]
+def modality_side(store: "Store", item: str, text: str | None, text_tokens: int, vectors: list[str], attributes: list[str]) -> dict[str, Tensor]:
+    """The cached modality inputs of every item of ``item``'s vocabulary: ``text_states`` [V, T, 384]
+    and ``text_mask`` [V, T], ``vectors.<name>`` [V, dim], ``attributes.<name>`` [V] or [V, L]."""
+    side: dict[str, Tensor] = {}
+    if text is not None:
+        states, mask = token_states(store.texts_by_vocab(text), text_tokens)  # [V, T, 384], [V, T]
+        side["text_states"], side["text_mask"] = torch.from_numpy(states), torch.from_numpy(mask)
+    for name in vectors:
+        side[f"vectors.{name}"] = torch.from_numpy(store.vectors_by_vocab(name))  # [V, dim]
+    for name, ids in item_attributes(store, item, attributes).items():
+        side[f"attributes.{name}"] = ids
+    return side
+
+
+def check_modality_side(
+    schema: Schema, side: dict[str, Tensor], model: str, owner: str,
+    item: str, text: str | None, text_tokens: int, vectors: list[str], attributes: list[str],
+) -> None:  # fmt: skip
+    """``side`` holds every table :func:`modality_side` gives for these settings, one row per item,
+    ``text_tokens`` tokens per text; ``owner`` names the class whose ``side_data`` computes them."""
+    needed = (["text_states", "text_mask"] if text else []) + [f"vectors.{n}" for n in vectors]
+    needed += [f"attributes.{n}" for n in attributes]
     missing = [key for key in needed if key not in side]
     if missing:
-        raise ValueError(f"em3: side data lacks {missing} (EM3.side_data(store, config) gives them)")
-    size = schema.vocab_size(schema.feature(config.target).vocab)
+        raise ValueError(f"{model}: side data lacks {missing} ({owner}.side_data(store, config) gives them)")
+    size = schema.vocab_size(schema.feature(item).vocab)
     wrong = [key for key in needed if side[key].shape[0] != size]
     if wrong:
-        raise ValueError(f"em3: side tables {wrong} do not have one row per {config.target} ({size})")
-    if config.text and side["text_states"].shape[1:] != (config.text_tokens, TEXT_DIM):
+        raise ValueError(f"{model}: side tables {wrong} do not have one row per {item} ({size})")
+    if text and side["text_states"].shape[1:] != (text_tokens, TEXT_DIM):
         raise ValueError(
-            f"em3: side text_states are [V, {', '.join(map(str, side['text_states'].shape[1:]))}], "
-            f"expected [V, {config.text_tokens}, {TEXT_DIM}] (text_tokens, the encoder's width)"
+            f"{model}: side text_states are [V, {', '.join(map(str, side['text_states'].shape[1:]))}], "
+            f"expected [V, {text_tokens}, {TEXT_DIM}] (text_tokens, the encoder's width)"
         )
 
 
@@ -285,15 +303,7 @@ class EM3(SingleTaskModel):
     def side_data(cls, store: "Store", config: EM3Config) -> dict[str, Tensor]:
         """The cached modality inputs of every item (see the module docstring)."""
         check_content_features(store.schema, config)
-        side: dict[str, Tensor] = {}
-        if config.text is not None:
-            states, mask = token_states(store.texts_by_vocab(config.text), config.text_tokens)  # [V, T, 384], [V, T]
-            side["text_states"], side["text_mask"] = torch.from_numpy(states), torch.from_numpy(mask)
-        for name in config.vectors:
-            side[f"vectors.{name}"] = torch.from_numpy(store.vectors_by_vocab(name))  # [V, dim]
-        for name, ids in item_attributes(store, config.target, config.attributes).items():
-            side[f"attributes.{name}"] = ids
-        return side
+        return modality_side(store, config.target, config.text, config.text_tokens, config.vectors, config.attributes)
 
     def __init__(self, schema: Schema, config: EM3Config, side: dict[str, Tensor] | None = None) -> None:
         super().__init__(schema, config, side)
@@ -304,7 +314,7 @@ class EM3(SingleTaskModel):
                 "a categorical feature of the same vocabulary"
             )
         check_content_features(schema, config)
-        check_side(schema, config, self.side)
+        check_modality_side(schema, self.side, "em3", "EM3", config.target, config.text, config.text_tokens, config.vectors, config.attributes)
         self.target_index = schema.categorical_index(config.target)
         self.other_sequences = [i for i, f in enumerate(schema.sequences) if f.name != config.history]
         self.content_length = min(config.sequence_length, history.max_len or config.sequence_length)

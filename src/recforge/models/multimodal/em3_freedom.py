@@ -54,7 +54,9 @@ from recforge.data.batch import Batch
 from recforge.data.schema import N_RESERVED, Kind, Schema
 from recforge.errors import ModelConfigError
 from recforge.models.base import register
-from recforge.models.multimodal.em3 import MAX_TEXT_TOKENS, TEXT_DIM, ItemContent, content_id_contrastive, item_attributes
+from recforge.models.multimodal.em3 import (
+    MAX_TEXT_TOKENS, ItemContent, check_modality_side, content_id_contrastive, modality_side,
+)
 from recforge.models.multimodal.freedom import FREEDOM, FREEDOMConfig
 from recforge.models.retrieval.lightgcn import propagate
 
@@ -126,33 +128,17 @@ class EM3FREEDOM(FREEDOM):
 
     @classmethod
     def side_data(cls, store: "Store", config: EM3FREEDOMConfig) -> dict[str, Tensor]:
-        from recforge.data.content import token_states
-
         check_modalities(store.schema, config, cls.registry_name)
-        side = super().side_data(store, config)
-        if config.text is not None:
-            states, mask = token_states(store.texts_by_vocab(config.text), config.text_tokens)  # [V, T, 384], [V, T]
-            side["text_states"], side["text_mask"] = torch.from_numpy(states), torch.from_numpy(mask)
-        for name in config.vectors:
-            side[f"vectors.{name}"] = torch.from_numpy(store.vectors_by_vocab(name))  # [V, dim]
-        for name, ids in item_attributes(store, config.item_feature, config.attributes).items():
-            side[f"attributes.{name}"] = ids
-        return side
+        modalities = modality_side(store, config.item_feature, config.text, config.text_tokens, config.vectors, config.attributes)
+        return super().side_data(store, config) | modalities
 
     def __init__(self, schema: Schema, config: EM3FREEDOMConfig, side: dict[str, Tensor] | None = None) -> None:
         check_modalities(schema, config, self.registry_name)
         super().__init__(schema, config, side)
-        needed = (["text_states", "text_mask"] if config.text else []) + [f"vectors.{n}" for n in config.vectors]
-        needed += [f"attributes.{n}" for n in config.attributes]
-        missing = [key for key in needed if key not in self.side]
-        if missing:
-            raise ValueError(f"em3_freedom: side data lacks {missing} (EM3FREEDOM.side_data(store, config) gives them)")
-        wrong = [key for key in needed if self.side[key].shape[0] != self.num_items]
-        if wrong:
-            raise ValueError(f"em3_freedom: side tables {wrong} do not have one row per item ({self.num_items})")
-        if config.text and self.side["text_states"].shape[1:] != (config.text_tokens, TEXT_DIM):
-            raise ValueError(f"em3_freedom: side text_states are [V, {', '.join(map(str, self.side['text_states'].shape[1:]))}], "
-                             f"expected [V, {config.text_tokens}, {TEXT_DIM}] (text_tokens, the encoder's width)")  # fmt: skip
+        check_modality_side(
+            schema, self.side, "em3_freedom", "EM3FREEDOM",
+            config.item_feature, config.text, config.text_tokens, config.vectors, config.attributes,
+        )  # fmt: skip
         self.item_content = ItemContent(schema, config, self.side)  # e_c of every item
         if config.cic_weight:
             self.cic_content = nn.Linear(config.fq_dim, config.embedding_dim)  # Lin_c
