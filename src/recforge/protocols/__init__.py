@@ -11,6 +11,7 @@ looks inside a protocol.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,7 +46,7 @@ def record(split: str, metric: str, value: float, **group: str) -> dict[str, Any
     return {"split": split, "metric": metric, "value": float(value), "group": dict(group)}
 
 
-class Protocol:
+class Protocol(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
     #: settings a variant may carry for this protocol (validated per variant)
@@ -54,8 +55,8 @@ class Protocol:
     def __init__(self, params: Params) -> None:
         self.params = params
 
-    def run(self, cell: Cell, out: Path) -> list[dict[str, Any]]:
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, cell: Cell, out: Path) -> list[dict[str, Any]]: ...
 
 
 def register_protocol(cls: type[Protocol]) -> type[Protocol]:

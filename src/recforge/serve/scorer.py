@@ -6,6 +6,7 @@ The graph's inputs are the :class:`~recforge.data.batch.Batch` tensors the model
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def batch_from_tensors(tensors: tuple[Tensor, ...], schema: Schema) -> Batch:
     )
 
 
-class Scorer:
+class Scorer(ABC):
     """Probabilities per label for a batch (``score``); a retriever's vectors on the torch backend."""
 
     backend: str
@@ -68,9 +69,9 @@ class Scorer:
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
 
+    @abstractmethod
     def score(self, batch: Batch) -> dict[str, np.ndarray]:
         """``{label: probabilities [B] float32}``."""
-        raise NotImplementedError
 
     def user_vectors(self, batch: Batch) -> np.ndarray:
         """The retriever's user vector of every row -> [B, D] float32."""
