@@ -135,6 +135,24 @@ def test_coldstart_text_keeps_people_lists_apart(tmp_path: Path) -> None:
     assert "title" not in load_source("movielens-1m-coldstart", root=root, min_item_ratings=1).frame.columns
 
 
+
+def test_coldstart_history_holds_old_movies_only(tmp_path: Path) -> None:
+    # movie 10 has 2 ratings (old at history_min_ratings 2), movies 20 and 30 one each (new)
+    ratings = "1::20::3::100\n1::10::5::200\n1::30::4::300\n2::10::4::400\n1::10::2::500\n"
+    ds = load_source("movielens-1m-coldstart", root=_ml1m(tmp_path / "ml", ratings), min_item_ratings=1, history_len=5, history_min_ratings=3)
+    assert ds.schema.feature("hist_item_id").where == {"old_movie": 1}
+    assert ds.frame["old_movie"].to_list() == [0, 1, 0, 1, 1]
+    store = prepare(ds, tmp_path / "store", SplitConfig(kind="random", ratios=(1.0, 0.0, 0.0)))
+    view = store.split("train")
+    batch = view.take(np.arange(len(view)))
+    vocab = store.vocabulary("item_id")
+    name = dict(zip(vocab["index"].to_list(), vocab["value"].to_list()))
+    times = ds.frame["timestamp"].to_numpy()[view.row]
+    history = {int(t): sorted(int(name[int(v)]) for v in h if v) for t, h in zip(times, batch.sequences["hist_item_id"])}
+    # user 1 rated 20 (new), 10 (old), 30 (new) before t=500: only movie 10 is in the history
+    assert history == {100: [], 200: [], 300: [10], 400: [], 500: [10]}
+    assert "old_movie" not in load_source("movielens-1m-coldstart", root=tmp_path / "ml", min_item_ratings=1).frame.columns
+
 # --- tiny Amazon review files -----------------------------------------------------------------
 def _review(user: str, item: str, rating: float, time: int, summary: str | None = "s", text: str | None = "t") -> dict:
     review = {"reviewerID": user, "asin": item, "reviewerName": "n", "helpful": [0, 0], "overall": rating,

@@ -38,9 +38,10 @@ def locate(origin: str, row: int) -> str:
     return f"line {row + 2}" if Path(origin).suffix.lower() in TEXT_TABLES else f"row {row + 1}"
 
 
-def history_feature(max_len: int) -> Feature:
-    """``hist_item_id``: the user's items before each sample, a view on the item_id timeline."""
-    return Feature(name="hist_item_id", kind=Kind.SEQUENCE, timeline="item_id", max_len=max_len)
+def history_feature(max_len: int, where: dict[str, str | int | float | bool] | None = None) -> Feature:
+    """``hist_item_id``: the user's items before each sample (those of the rows matching ``where``),
+    a view on the item_id timeline."""
+    return Feature(name="hist_item_id", kind=Kind.SEQUENCE, timeline="item_id", max_len=max_len, where=where)
 
 
 def text_lines(source: bytes | Path, origin: str) -> pl.DataFrame:

@@ -13,7 +13,12 @@ are in the order it received them. ``click`` = rating >= ``label_threshold``. Fe
 - with ``text``: the string columns ``title``, ``director_text``, ``actors_text``, ``plot`` and
   ``item_text``, the sentence-encoder vector of each movie's text, exactly as the
   ``movielens-1m`` source makes them (:mod:`recforge.data.sources.movielens`); the credits are
-  named apart from the people lists of ``extras``, which keep ``director`` and ``actors``.
+  named apart from the people lists of ``extras``, which keep ``director`` and ``actors``;
+- with ``history_len`` > 0: ``hist_item_id``, the user's last ``history_len`` ratings of *old*
+  movies (at least ``history_min_ratings`` ratings, the split's ``old_min_count``) before each
+  row, read from the timeline of the rows where ``old_movie`` is 1. A new movie never enters a
+  history, so a history model cannot learn a new movie's ID from the rows it appears in later:
+  its ID stays as cold as in the GME protocol.
 
 Movies with fewer than ``min_item_ratings`` ratings are removed from the table on purpose: the
 cold-start protocol (old movies >= 300 ratings, new movies 80 to 299) uses no rarer movie.
@@ -27,7 +32,7 @@ from pathlib import Path
 import polars as pl
 
 from recforge.data.schema import Feature, Kind, Schema
-from recforge.data.sources import RawDataset
+from recforge.data.sources import RawDataset, history_feature
 from recforge.data.sources._download import dataset_dir
 from recforge.data.sources.movielens import (
     EXTRAS, EXTRAS_FOLDER, GENRES_MAX_LEN, ML_1M, _parse, _read_1m, movie_texts, read_extras, text_feature,
@@ -51,6 +56,8 @@ def load(
     root: str | Path | None = None,
     extras_root: str | Path | None = None,
     text: bool = False,
+    history_len: int = 0,
+    history_min_ratings: int = 300,
 ) -> RawDataset:
     """Ratings of MovieLens-1M with the item attributes of the cold-start protocol.
 
@@ -63,8 +70,8 @@ def load(
     unknown = sorted(set(extras) - set(EXTRA_FIELDS))
     if unknown:
         raise DataError(f"movielens cold start: unknown extras {unknown}; known: {list(EXTRA_FIELDS)}")
-    if min(title_words_max, extras_max) < 1 or min_item_ratings < 0:
-        raise DataError("movielens cold start: title_words_max and extras_max must be >= 1, min_item_ratings >= 0")
+    if min(title_words_max, extras_max) < 1 or min(min_item_ratings, history_len) < 0:
+        raise DataError("movielens cold start: title_words_max and extras_max must be >= 1, min_item_ratings and history_len >= 0")
     base = dataset_dir("movielens-1m", [ML_1M], root=root)
     archive = base / ML_1M.name
     ratings, users, movies, origin = _read_1m(archive)
@@ -86,16 +93,21 @@ def load(
         .sort(["timestamp", "user_id", "item_id"])
         .with_columns(click=(pl.col("rating") >= label_threshold).cast(pl.Int8))
     )
+    history = ["old_movie"] if history_len else []
+    if history_len:
+        frame = frame.with_columns(old_movie=(pl.len().over("item_id") >= history_min_ratings).cast(pl.Int8))
     for column, key, source in (("gender", "user_id", "users"), ("title_words", "item_id", "movies")):
         missing = frame.filter(pl.col(column).is_null())
         if missing.height:
             raise DataError(f"{origin[source]}: no entry for {key} {missing[key][0]}")
     texts = TEXT_COLUMNS if text else []
-    frame = frame.select(*USER_FIELDS, "item_id", "year", "title_words", "genres", *extras, *texts, "rating", "timestamp", "click")
-    return RawDataset(frame=frame, schema=schema(title_words_max, extras, extras_max, text), origin=origin["ratings"])
+    frame = frame.select(*USER_FIELDS, "item_id", "year", "title_words", "genres", *extras, *texts, *history, "rating", "timestamp", "click")
+    return RawDataset(frame=frame, schema=schema(title_words_max, extras, extras_max, text, history_len), origin=origin["ratings"])
 
 
-def schema(title_words_max: int = 5, extras: list[str] | None = None, extras_max: int = 3, text: bool = False) -> Schema:
+def schema(
+    title_words_max: int = 5, extras: list[str] | None = None, extras_max: int = 3, text: bool = False, history_len: int = 0
+) -> Schema:
     """Schema of :func:`load`'s frame; the item attribute fields come after ``item_id``."""
     features = [Feature(name=c, kind=Kind.CATEGORICAL) for c in [*USER_FIELDS, "item_id", "year"]]
     features.append(Feature(name="title_words", kind=Kind.SEQUENCE, max_len=title_words_max))
@@ -103,6 +115,8 @@ def schema(title_words_max: int = 5, extras: list[str] | None = None, extras_max
     features += [Feature(name=name, kind=Kind.SEQUENCE, max_len=extras_max) for name in extras or []]
     if text:
         features.append(text_feature(TEXT))
+    if history_len:
+        features.append(history_feature(history_len, where={"old_movie": 1}))
     return Schema(features=features, labels=["click"], user="user_id", time="timestamp")
 
 
