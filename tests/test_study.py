@@ -264,6 +264,31 @@ def test_table_pivots_records_with_paired_deltas_and_wins(workdir):
     assert means["B"]["x"][1] == pytest.approx(0.01)
 
 
+
+def test_a_row_from_another_studys_records_with_its_metric_names(workdir):
+    other = spec_text(name="other", protocol="test_planted", seeds=[0, 1, 2], defaults={"data": DATA},
+                      variants=[{"label": "A", "model": {"name": "lr"}}], reference="A", records="other.json", pages=["other.md"])  # fmt: skip
+    (workdir / "other.yaml").write_text(yaml.safe_dump(other))
+    run_study(workdir / "other.yaml", workdir / "runs", workdir / "stores", log=lambda _: None)
+    extra = {"title": "A elsewhere (domain y)", "study": "other.yaml", "where": {"variant": "A", "domain": "y"},
+             "metrics": {"auc": "auc"}}  # fmt: skip
+    mine = spec_text(protocol="test_planted", seeds=[0], defaults={"data": DATA}, variants=[{"label": "B", "model": {"name": "lr"}, "set": ["model.params.embedding_dim=8"]}],
+                     reference="B", tables=[{"title": "t", "where": {"domain": "x"}, "metrics": [{"metric": "auc"}], "extra_rows": [extra]}])  # fmt: skip
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(mine))
+    found = run_study(workdir / "spec.yaml", workdir / "runs", workdir / "stores", log=lambda _: None)
+    from recforge.study.render import flatten
+
+    parsed = load_spec(workdir / "spec.yaml")
+    lines = render_table(parsed, parsed.tables[0], flatten(parsed, found))[0].splitlines()
+    assert lines[2] == "| B | 1 | 0.7000 |"
+    assert lines[3] == "| A elsewhere (domain y) |  | 0.7100 ± 0.0100 |"  # the other study's auc in domain y, 3 seeds
+    renamed = {**extra, "metrics": {"auc": "no_such_metric"}}
+    parsed.tables[0].extra_rows[0] = type(parsed.tables[0].extra_rows[0]).model_validate(renamed)
+    assert len(render_table(parsed, parsed.tables[0], flatten(parsed, found))[0].splitlines()) == 3  # no values: no row
+    (workdir / "other.json").unlink()
+    with pytest.raises(ConfigError, match=r"other.yaml: study 'other' has no records \(other.json\)"):
+        render_table(parsed, parsed.tables[0], flatten(parsed, found))
+
 def _prepare_at_once(root: str, start, results) -> None:
     from recforge.config import DataConfig
     from recforge.experiment import prepare_store

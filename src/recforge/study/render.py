@@ -11,6 +11,7 @@ environment the runs measured; text around the block is kept.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from recforge.files import write_atomic
-from recforge.study.spec import Comparison, StudySpec, TableSpec
+from recforge.study.spec import Comparison, StudySpec, TableSpec, load_spec
 from recforge.errors import ConfigError
 
 
@@ -155,15 +156,27 @@ def _block(
         title = table.row_titles.get(label, label)
         lines.append("| " + " | ".join([title, *([str(seed_count)] if table.seeds_column else []), *cells]) + " |")
     for extra in table.extra_rows:
-        found = [r for r in unfiltered if _keep(r, {**table.where, **extra.where})]
+        if extra.study is None:
+            found = [r for r in unfiltered if _keep(r, {**table.where, **extra.where})]
+        else:
+            found = [r for r in _study_rows(extra.study) if _keep(r, extra.where)]
         extra_pivot = Pivot(table, found, None)
         cells = []
         for column, item in keys:
-            values = [] if isinstance(item, Comparison) else list(extra_pivot.seeds("", column, extra.metric or extra.prefix + item.metric, item.split or table.split).values())
+            metric = extra.metric or extra.prefix + extra.metrics.get(item.metric, item.metric)
+            values = [] if isinstance(item, Comparison) else list(extra_pivot.seeds("", column, metric, item.split or table.split).values())
             cells.append(cell(values if len(set(values)) > 1 else values[:1], item.digits) if values else "—")  # one value when all seeds agree
         if any(c != "—" for c in cells):
             lines.append("| " + " | ".join([extra.title, *([""] if table.seeds_column else []), *cells]) + " |")
     return "\n".join(lines), means
+
+
+def _study_rows(spec_path: str) -> list[dict[str, Any]]:
+    """The flattened records of another study (by its spec's path)."""
+    other = load_spec(spec_path)
+    if not other.records_path.exists():
+        raise ConfigError(f"{spec_path}: study {other.name!r} has no records ({other.records_path}) to take a row from")
+    return flatten(other, json.loads(other.records_path.read_text()))
 
 
 def _comparison_title(comparison: Comparison, reference: str | None) -> str:

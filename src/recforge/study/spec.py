@@ -84,12 +84,16 @@ class Comparison(_Strict):
 
 
 class ExtraRow(_Strict):
-    """A row of records that belong to no one variant (e.g. the most-popular scorer), found by ``where``."""
+    """A row of records that belong to no one variant (e.g. the most-popular scorer), found by
+    ``where``; with ``study``, a row of another study's records (a method measured elsewhere on
+    the same test rows), its metrics named by ``metrics`` (this table's metric -> that study's)."""
 
     title: str
     where: dict[str, list[str]] = Field(default_factory=dict)
     metric: str | None = None  # read this metric in every column instead of the column's own
     prefix: str = ""  # or read the column's metric with this prefix (e.g. popular_)
+    study: str | None = None  # path of the other study's spec
+    metrics: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
