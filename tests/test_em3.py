@@ -316,6 +316,36 @@ def test_rebuilt_from_its_config_side_data_and_weights(schema, side):
         assert torch.equal(rebuilt(batch)["click"], model(batch)["click"])
 
 
+
+@pytest.mark.parametrize("params", [{}, {"lora": False}])
+def test_inference_reads_per_item_tables_built_once_per_set_of_weights(schema, side, params):
+    torch.manual_seed(0)
+    model = build_model("em3", schema, {**SMALL, **params}, side=side)
+    data = planted(512, seed=7, seen=True)
+    fit(model, data, steps=3)
+    batch = rows(data, torch.arange(64))
+
+    def uncached() -> torch.Tensor:  # eval mode with gradients: e_c computed per batch, no tables
+        with torch.enable_grad():
+            return model(batch)["click"].detach()
+
+    with torch.inference_mode():
+        cached = model(batch)["click"]
+    tables = model.content_tables()
+    assert tables[0].shape == (V, SMALL.get("fq_dim", 64)) and torch.allclose(tables[0][2:10], model.content(torch.arange(2, 10)))
+    with torch.inference_mode():
+        assert model(batch)["click"] is not None and model.content_tables() is tables  # built once
+    assert torch.allclose(cached, uncached(), atol=1e-5)
+    fit(model, data, steps=3)  # new weights: the tables are rebuilt
+    with torch.inference_mode():
+        assert torch.allclose(model(batch)["click"], uncached(), atol=1e-5)
+    other = build_model("em3", schema, {**SMALL, **params}, side=side).eval()
+    with torch.inference_mode():
+        other(batch)
+    other.load_state_dict(model.state_dict())  # weights loaded in eval mode drop the old tables
+    with torch.inference_mode():
+        assert torch.allclose(other(batch)["click"], model(batch)["click"], atol=1e-6)
+
 @pytest.mark.parametrize(
     ("params", "error"),
     [

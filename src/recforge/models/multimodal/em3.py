@@ -46,8 +46,9 @@ linear layer (with ``lora=False``: there are no projections to adapt); ``cic_wei
 Side data (:meth:`EM3.side_data`), rows indexed by the target's vocabulary (V items):
 ``text_states`` [V, T, 384] float16 and ``text_mask`` [V, T] bool; ``vectors.<name>`` [V, dim]
 float32; ``attributes.<name>`` [V] (categorical) or [V, max_len] (list) int64 ids.
-Serving: ``e_c`` depends on the item only, so it can be cached per item and recomputed when the
-weights change.
+Inference cache: ``e_c`` depends on the item and the weights only, so in eval mode without
+gradients (evaluation, scoring, the server) both paths' ``e_c`` of every item are computed once,
+[V, D] each, and looked up; ``train()`` and ``load_state_dict`` drop the tables.
 """
 
 from __future__ import annotations
@@ -333,6 +334,31 @@ class EM3(SingleTaskModel):
             self.cic_id = nn.Linear(d, d)  # Lin_id
         in_dim = (len(schema.categorical) + len(self.other_sequences) + 1) * d + 2 * dc + len(schema.numeric)
         self.mlp = MLP(in_dim, config.hidden, config.dropout, config.activation, out_dim=1)
+        self._content_tables: tuple[Tensor, Tensor] | None = None  # (target path, sequence path) e_c per item
+
+    CACHE_CHUNK = 4096  # items per pass when the inference tables are built
+
+    def train(self, mode: bool = True) -> "EM3":
+        if mode:
+            self._content_tables = None  # the weights are about to change
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._content_tables = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def content_tables(self) -> tuple[Tensor, Tensor]:
+        """``e_c`` of every item through the target path and the sequence path: ([V, D], [V, D]),
+        built once per set of weights (eval mode, no gradients)."""
+        if self._content_tables is None:
+            size = self.schema.vocab_size(self.schema.feature(self.config.target).vocab)
+            items = torch.arange(size, device=self.content.output.weight.device)
+            sequence = self.sequence_content or self.content
+            chunks = items.split(self.CACHE_CHUNK)
+            self._content_tables = (
+                torch.cat([self.content(chunk) for chunk in chunks]), torch.cat([sequence(chunk) for chunk in chunks])
+            )  # fmt: skip
+        return self._content_tables
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.config
@@ -342,7 +368,10 @@ class EM3(SingleTaskModel):
         id_interest = self.id_attention(history, fields[:, self.target_index], batch.sequences[cfg.history] != 0)  # [B, d]
         sequence = batch.sequences[cfg.history][:, -self.content_length :]  # [B, L]
         targets, target_inverse = torch.unique(target_ids, return_inverse=True)  # distinct targets [U_t]
-        if self.sequence_content is None:  # one shared encoder: every distinct item once
+        if not self.training and not torch.is_grad_enabled():  # inference: e_c looked up per item
+            target_table, sequence_table = self.content_tables()  # [V, D] each
+            e_targets, e_sequence = target_table[targets], sequence_table[sequence]  # [U_t, D], [B, L, D]
+        elif self.sequence_content is None:  # one shared encoder: every distinct item once
             items, inverse = torch.unique(torch.cat([targets, sequence.flatten()]), return_inverse=True)  # [U]
             e_items = self.content(items)  # [U, D]
             e_targets, e_sequence = e_items[inverse[: len(targets)]], e_items[inverse[len(targets) :]].view(*sequence.shape, -1)
