@@ -124,6 +124,36 @@ def test_history_holds_only_strictly_earlier_events_of_the_same_user(tmp_path):
             ]
 
 
+
+def test_a_list_timeline_gives_each_earlier_event_its_last_tokens(tmp_path):
+    frame = make_frame().with_columns(
+        query=pl.Series([[f"w{(i * 7 + k) % 9}" for k in range(i % 4)] for i in range(30 * 12)], dtype=pl.List(pl.String))
+    )  # 0 to 3 tokens per event; an empty list is an event without a query
+    schema = make_schema(history=6)
+    schema = Schema(
+        features=[*schema.features, Feature(name="query", kind="sequence", max_len=2),
+                  Feature(name="hist_query", kind="sequence", timeline="query", max_len=6)],
+        labels=schema.labels, user=schema.user, time=schema.time,
+    )  # fmt: skip
+    store = prepare(RawDataset(frame, schema, "memory"), tmp_path / "s")
+    words = store.vocabulary("query")
+    decode = dict(zip(words["index"].to_list(), words["value"].to_list()))
+    view = store.split("train")
+    batch = view.take(np.arange(len(view)))
+    assert batch.sequences["hist_query"].shape == (len(view), 6, 2)
+    for i in range(0, len(view), 5):  # reference: a naive scan of the raw table
+        raw = frame.row(int(view.row[i]), named=True)
+        earlier = frame.with_row_index().filter((pl.col("user_id") == raw["user_id"]) & (pl.col("t") < raw["t"])).sort(["t", "index"])
+        expected = [[None] * (2 - len(q[-2:])) + q[-2:] for q in earlier["query"].to_list()][-6:]
+        expected = [[None, None]] * (6 - len(expected)) + expected
+        got = [[decode.get(t, "<oov>") if t else None for t in event] for event in batch.sequences["hist_query"][i].tolist()]
+        assert got == [[w if w is None or w in decode.values() else "<oov>" for w in event] for event in expected]
+        items = [h for h in batch.sequences["hist_item_id"][i].tolist() if h]
+        assert len(items) == min(6, earlier.height)  # the two histories read the same events
+    with pytest.raises(ValueError, match="which must be a categorical or list feature"):
+        Schema(features=[*schema.features, Feature(name="hist_x", kind="sequence", timeline="x", max_len=3)],
+               labels=["click"], user="user_id", time="t")  # fmt: skip
+
 def test_list_sequence_keeps_last_max_len_right_aligned(store):
     view = store.split("train")
     batch = view.take(np.arange(len(view)))
@@ -257,7 +287,7 @@ def test_empty_table(tmp_path):
 def test_schema_rejects_inconsistent_declarations():
     with pytest.raises(ValueError, match="needs max_len"):
         Feature(name="s", kind="sequence")
-    with pytest.raises(ValueError, match="must be a categorical feature"):
+    with pytest.raises(ValueError, match="must be a categorical or list feature"):
         Schema(features=[Feature(name="h", kind="sequence", timeline="nope", max_len=2)], labels=["y"], user="u", time="t")
     with pytest.raises(ValueError, match="duplicate feature names"):
         Schema(features=[Feature(name="a", kind="numeric")] * 2, labels=["y"])

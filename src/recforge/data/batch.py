@@ -20,7 +20,7 @@ class Batch:
 
     categorical: Tensor  # [B, F_cat] int64
     numeric: Tensor  # [B, F_num] float32
-    sequences: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, L] int64, 0 = pad
+    sequences: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, L] int64 ([B, L, W] for a list timeline), 0 = pad
     embeddings: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, D] float32
     labels: dict[str, Tensor] = field(default_factory=dict)  # name -> [B] float32
     group: Tensor | None = None  # [B] int64, the user (GAUC group)

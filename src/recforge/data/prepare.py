@@ -21,10 +21,10 @@ import numpy as np
 import polars as pl
 
 from recforge.data import content
-from recforge.data.schema import N_RESERVED, OOV, Kind, Schema
+from recforge.data.schema import N_RESERVED, OOV, Feature, Kind, Schema
 from recforge.data.sources import RawDataset, locate
 from recforge.data.splits import SPLITS, SplitConfig, assign_splits
-from recforge.data.store import Store
+from recforge.data.store import Store, last_window
 from recforge.errors import DataError
 
 _ID_DTYPES = (pl.String, pl.Categorical, pl.Enum, pl.Boolean)
@@ -220,7 +220,7 @@ def prepare(raw: RawDataset, out_dir: str | Path, split: SplitConfig | None = No
         for view, (order, start, end) in views.items():
             bounds |= {f"_hist_start{_suffix(view)}": start, f"_hist_end{_suffix(view)}": end}
             for column in sorted({f.timeline for f in schema.histories if f.view == view}):
-                values = frame[column].to_numpy().astype(np.int32)[order]
+                values = _event_values(frame[column], schema.feature(column))[order]  # [E] or [E, W]
                 np.save(tmp / "timeline" / f"{column}{_suffix(view)}.npy", values)
         frame = frame.with_columns(pl.Series(name, values) for name, values in bounds.items())
 
@@ -278,6 +278,17 @@ def _matches(frame: pl.DataFrame, where: dict[str, str | int | float | bool]) ->
     if not where:
         return np.ones(frame.height, dtype=bool)
     return frame.select(pl.all_horizontal(pl.col(c) == pl.lit(v) for c, v in where.items()))[:, 0].to_numpy()
+
+
+def _event_values(column: pl.Series, f: Feature) -> np.ndarray:
+    """A timeline column's encoded values per row: [N] for a categorical feature; [N, W] for a
+    list feature, its last W = ``max_len`` ids right-aligned (0-padded left, all 0 when empty)."""
+    if f.kind is Kind.CATEGORICAL:
+        return column.to_numpy().astype(np.int32)
+    lengths = column.list.len().fill_null(0).to_numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = column.explode().drop_nulls().to_numpy().astype(np.int32)
+    return last_window(flat, offsets[:-1], offsets[1:], f.max_len)
 
 
 def timeline_view(

@@ -39,8 +39,10 @@ class Feature(BaseModel):
     - ``vocab``: name of the vocabulary (and embedding table); defaults to the feature name.
     - ``max_len``: sequences are cut to their last ``max_len`` elements.
     - ``timeline``: for a history sequence, the categorical column whose past values (strictly
-      before the sample's time, in the same user's timeline) make the sequence. Without it a
-      sequence is a list column of the raw table.
+      before the sample's time, in the same user's timeline) make the sequence, ``[B, L]`` in a
+      batch; or a list column (a query's tokens, empty for an event without one), whose last
+      ``W`` (its ``max_len``) values per event make ``[B, L, W]``. Without it a sequence is a list
+      column of the raw table.
     - ``where``: for a history, keep only the timeline's events whose raw columns equal these
       values (e.g. ``{"domain": "target", "click": 1}``: the user's earlier clicks in one domain).
       Histories with the same ``where`` share one filtered timeline.
@@ -135,10 +137,10 @@ class Schema(BaseModel):
         for f in self.features:
             if f.timeline is not None:
                 source = by_name.get(f.timeline)
-                if source is None or source.kind is not Kind.CATEGORICAL:
+                if source is None or not (source.kind is Kind.CATEGORICAL or (source.kind is Kind.SEQUENCE and source.timeline is None)):
                     raise ValueError(
                         f"schema: sequence {f.name!r} draws on timeline {f.timeline!r}, "
-                        "which must be a categorical feature"
+                        "which must be a categorical or list feature"
                     )
                 if self.user is None or self.time is None:
                     raise ValueError(f"schema: history {f.name!r} needs the user and time columns")

@@ -101,16 +101,18 @@ class FeatureEmbedding(nn.Module):
         return self.table(ids + self.vocab_offset[vocab])  # [..., D]
 
     def sequence(self, batch: Batch, name: str) -> Tensor:
-        ids = batch.sequences[name]  # [B, L]
-        emb = self.lookup(ids, self.schema.feature(name).vocab)  # [B, L, D]
+        """Embeddings of a sequence's ids, 0 at pads: [B, L] -> [B, L, D] ([B, L, W] -> [B, L, W, D])."""
+        ids = batch.sequences[name]  # [B, L] or [B, L, W]
+        emb = self.lookup(ids, self.schema.feature(name).vocab)  # [..., D]
         return emb * (ids != 0).unsqueeze(-1)
 
     def pooled_sequences(self, batch: Batch) -> Tensor:
-        """Mean over the non-padding items of every sequence feature -> [B, S, D]."""
+        """Mean over the non-padding ids of every sequence feature (over events and their tokens
+        for a list timeline) -> [B, S, D]."""
         pooled = []
         for f in self.schema.sequences:
-            ids = batch.sequences[f.name]
-            emb = self.sequence(batch, f.name)  # [B, L, D]
+            ids = batch.sequences[f.name].flatten(1)  # [B, L] (or L * W ids)
+            emb = self.sequence(batch, f.name).flatten(1, -2)  # [B, L, D]
             count = (ids != 0).sum(1, keepdim=True).clamp(min=1)  # [B, 1]
             pooled.append(emb.sum(1) / count)
         if not pooled:

@@ -112,6 +112,9 @@ class RowEncoder:
 
     def __init__(self, fitted: Fitted) -> None:
         self.schema = fitted.schema
+        listed = [f.name for f in self.schema.histories if self.schema.feature(f.timeline).kind is Kind.SEQUENCE]
+        if listed:
+            raise ValueError(f"histories {listed} read a list timeline (ids per event); rows cannot give them to the scorer yet")
         self.vocabularies = fitted.vocabularies
         self.lookup = VocabularyLookup(fitted.vocabularies)
         self.mean = np.array([fitted.normalisers[f.name]["mean"] for f in self.schema.numeric], dtype=np.float64)
