@@ -13,6 +13,8 @@ what to export:
   ranker's table (cold start); it trains only under the ``cold_start`` protocol.
 - :class:`FederatedSplit`: which parameters are global (averaged by the server) and which stay
   on the client.
+- :class:`Pretrainable`: fine-tuned from a pretrained model of its own class, whose tables it
+  restores (the ``pretrain_finetune`` protocol).
 
 Each capability is an abstract base: a model class that declares one without implementing its
 methods cannot be built. A model that cannot train by the plain ``recforge train`` loop names the
@@ -76,6 +78,15 @@ class FederatedSplit(ABC):
         ...
 
 
+class Pretrainable(ABC):
+    """Fine-tuned from a pretrained model of its own class (the ``pretrain_finetune`` protocol):
+    ``restore_pretrained(source)`` copies the pretrained tables into this model."""
+
+    @abstractmethod
+    def restore_pretrained(self, source: nn.Module) -> None:
+        ...
+
+
 class NeedsProtocol:
     """A model that trains only under a study protocol (``recforge study`` with ``protocol: <name>``)."""
 
@@ -85,5 +96,5 @@ class NeedsProtocol:
 def capabilities(model_class: type) -> list[str]:
     """The capability names a model class declares, in a fixed order."""
     names = {"ranker": Ranker, "funnel": Funnel, "retriever": Retriever, "embedding generator": EmbeddingGenerator,
-             "federated split": FederatedSplit}  # fmt: skip
+             "federated split": FederatedSplit, "pretrainable": Pretrainable}  # fmt: skip
     return [name for name, cls in names.items() if issubclass(model_class, cls)]

@@ -67,7 +67,7 @@ def register_protocol(cls: type[Protocol]) -> type[Protocol]:
 
 
 def protocols() -> dict[str, type[Protocol]]:
-    from recforge.protocols import cold_start, cross_domain, entire_space_cvr, standard  # noqa: F401
+    from recforge.protocols import cold_start, cross_domain, entire_space_cvr, pretrain_finetune, standard  # noqa: F401
 
     return dict(_PROTOCOLS)
 

@@ -1,0 +1,1 @@
+"""Lifelong-sequence models: search-based interest over thousands of past events."""

@@ -1,0 +1,90 @@
+"""``pretrain_finetune``: pretrain a model, then fine-tune a fresh one from its tables.
+
+Stage 1 trains the cell's experiment with the study's ``pretrain`` overrides applied (e.g.
+``model.params.pretrain=true``, ``train.epochs=1``) into ``out/pretrain``; stage 2 builds the cell's
+own model, calls its :meth:`~recforge.models.capabilities.Pretrainable.restore_pretrained` with the
+stage-1 model, and trains it into ``out/finetune``; its bundle is ``out/model``. A variant with
+``pretrained: false`` skips stage 1 (the "without pretraining" ablation). Both stages start from
+the same seed. Records: stage 2's metrics as the standard protocol's (split valid / test / fit),
+stage 1's under the group ``stage: pretrain``.
+
+A stage that finished is kept: its metrics are written last and atomically (``metrics.json``)
+with its bundle, so a study resumed after a kill trains only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from recforge.bundle import load_bundle, save_bundle
+from recforge.config import ConfigError, ExperimentConfig, apply_overrides, problems
+from recforge.experiment import prepare_store
+from recforge.files import write_atomic
+from recforge.errors import ModelConfigError
+from recforge.models import Model, build_model
+from recforge.models.base import make_config
+from recforge.models.capabilities import Pretrainable
+from recforge.protocols import Cell, Params, Protocol, register_protocol
+from recforge.protocols.standard import metric_records
+from recforge.train.trainer import TrainConfig, Trainer, seed_everything
+
+
+class PretrainFinetuneParams(Params):
+    pretrain: list[str]  # a.b.c=value overrides that turn a cell's experiment into its pretraining run
+
+
+class PretrainVariant(Params):
+    pretrained: bool = True  # False: fine-tune from the initial weights (no stage 1)
+
+
+@register_protocol
+class PretrainFinetune(Protocol):
+    name = "pretrain_finetune"
+    Params = PretrainFinetuneParams
+    VariantParams = PretrainVariant
+
+    def run(self, cell: Cell, out: Path) -> list[dict[str, Any]]:
+        config = cell.config
+        variant = PretrainVariant.model_validate(cell.extra)
+        store = prepare_store(config.data, cell.store_root)
+        records: list[dict[str, Any]] = []
+        source = None
+        if variant.pretrained:
+            raw = apply_overrides(config.model_dump(mode="json"), self.params.pretrain)
+            try:
+                pretrain_config = ExperimentConfig.model_validate(raw)
+                make_config(pretrain_config.model.name, pretrain_config.model.params)
+            except ValidationError as err:
+                raise ConfigError(f"{cell.variant}: params.pretrain: {problems(err)}") from None
+            except ModelConfigError as err:
+                raise ConfigError(f"{cell.variant}: params.pretrain: {err}") from None
+            source, metrics = _stage(pretrain_config, store, out / "pretrain")
+            records += [{**r, "group": {**r["group"], "stage": "pretrain"}} for r in metric_records(metrics)]
+        model, metrics = _stage(config, store, out / "finetune", source)
+        save_bundle(model, store, out / "model")
+        return records + metric_records(metrics)
+
+
+def _stage(config: ExperimentConfig, store, out: Path, source: Model | None = None) -> tuple[Model, dict[str, float]]:
+    """Train one stage into ``out`` (or read it back when it finished before) -> (model, metrics)."""
+    done = out / "metrics.json"
+    if done.exists():
+        return load_bundle(out / "model"), json.loads(done.read_text())
+    train_config = TrainConfig(**config.train)
+    if train_config.num_threads:
+        torch.set_num_threads(train_config.num_threads)
+    seed_everything(train_config.seed)
+    model = build_model(config.model.name, store.schema, config.model.params, store=store)
+    if source is not None:
+        if not isinstance(model, Pretrainable):
+            raise ConfigError(f"model {config.model.name!r} cannot be fine-tuned from a pretrained model (it is not pretrainable)")
+        model.restore_pretrained(source)
+    metrics = Trainer(model, store, train_config, out).fit()
+    save_bundle(model, store, out / "model")
+    write_atomic(done, json.dumps(metrics, indent=2))
+    return model, metrics
