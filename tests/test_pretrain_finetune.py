@@ -85,3 +85,16 @@ def test_bad_pretrain_overrides_name_the_key(workdir):
     (workdir / "spec.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match=r"^with PSU: params.pretrain: model.params.heads: must divide embedding_dim=8, got 3$"):
         run_study(workdir / "spec.yaml", workdir / "runs", workdir / "stores", log=lambda _: None)
+
+
+def test_candidate_evaluation_ranks_each_held_out_item_against_sampled_ones(workdir):
+    params = {"pretrain": ["model.params.pretrain=true"], "evaluation": "candidates", "negatives": 20, "valid_rows": 50}
+    train = {**TRAIN, "monitor": "valid_ndcg@10"}
+    changed = spec(params=params, variants=spec()["variants"][:1], defaults={"data": DATA, "train": train})
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(changed))
+    found = run_study(workdir / "spec.yaml", workdir / "runs", workdir / "stores", log=lambda _: None)
+    test = {r["metric"]: r["value"] for r in found["runs"][0]["records"] if r["split"] == "test" and not r["group"]}
+    assert {"hr@1", "hr@10", "ndcg@10", "mrr", "popular_ndcg@10"} <= set(test)
+    assert 0 <= test["hr@1"] <= test["hr@10"] <= test["hr@50"] == 1.0  # 21 candidates: all within the top 50
+    valid = {r["metric"]: r["value"] for r in found["runs"][0]["records"] if r["split"] == "valid" and not r["group"]}
+    assert valid["ranked_rows"] == 50

@@ -33,7 +33,7 @@ import polars as pl
 import torch
 
 from recforge.data.batch import Batch
-from recforge.data.schema import Schema
+from recforge.data.schema import Kind, Schema
 from recforge.errors import DataError
 from recforge.data.splits import SPLITS
 
@@ -124,6 +124,31 @@ class Store:
         index, row = self._by_vocab(name)
         out[index] = self.vector_keys(name)["text"].to_numpy()[row]
         return out.tolist()
+
+
+    def item_features(self, item: str, names: list[str]) -> dict[str, np.ndarray]:
+        """Each feature's encoded ids per id of ``item``'s vocabulary, read from the item's first
+        row (train, then valid, then test: an item's attributes are its content, known for new
+        items too): [V] int64 for a categorical feature, [V, max_len] for a list feature; 0 for
+        an id without a row."""
+        schema = self.schema
+        size = schema.vocab_size(schema.feature(item).vocab)
+        out = {n: np.zeros((size,) if schema.feature(n).kind is Kind.CATEGORICAL else (size, schema.feature(n).max_len), dtype=np.int64)
+               for n in names}  # fmt: skip
+        seen = np.zeros(size, dtype=bool)
+        for split in SPLITS:
+            view = self.split(split)
+            unique, first = np.unique(view.column(item).astype(np.int64), return_index=True)
+            rows = np.sort(first[~seen[unique]])
+            seen[unique] = True
+            if not len(rows):
+                continue
+            batch = view.take(rows)
+            items = batch.categorical[:, schema.categorical_index(item)].numpy()
+            for name in names:
+                categorical = schema.feature(name).kind is Kind.CATEGORICAL
+                out[name][items] = (batch.categorical[:, schema.categorical_index(name)] if categorical else batch.sequences[name]).numpy()
+        return out
 
 
 class SplitView:

@@ -14,6 +14,12 @@
   its domain drawn uniformly among the domain's train items the user has not interacted with
   (fixed by a seed, the same for every model); HR@10 / NDCG@10 per domain and warm / cold users.
 
+- :class:`CandidateRanking` (a :class:`~recforge.models.capabilities.Ranker`): each held-out
+  row's item scored by the ranker against ``negatives`` items drawn uniformly among the train
+  items its user never had (fixed by a seed, the same for every model), the row's other inputs
+  unchanged and the item's own features (``item_features``, item-keyed embeddings) those of each
+  candidate: HIT@K (``hr@K``), NDCG@K, MRR, and the most-popular reference as ``popular_*``.
+
 An evaluator is called as ``evaluator(model, view) -> {metric: value}`` with the model in eval mode
 under ``torch.inference_mode()`` (the trainer does both); keys carry no split prefix.
 """
@@ -29,7 +35,8 @@ import torch
 from torch import Tensor
 
 from recforge.data.cross_domain import DomainInteractions
-from recforge.data.schema import OOV, PAD
+from recforge.data.batch import Batch
+from recforge.data.schema import OOV, PAD, Kind
 from recforge.data.store import SplitView, Store
 from recforge.evaluate.metrics import classification_report, full_ranking_metrics, sampled_ranking_metrics
 from recforge.models.base import Model
@@ -40,6 +47,7 @@ CTCVR = "ctcvr"
 RETRIEVAL_KS = (10, 20, 50)
 SAMPLED_KS = (10,)
 SAMPLED_SHOWN = ("hr@10", "ndcg@10")
+SPLITS_ORDER = ("train", "valid", "test")
 _SCORE_BLOCK = 1 << 24  # user x item scores computed at once in full-corpus evaluation
 
 
@@ -295,3 +303,86 @@ class SampledRanking:
         users = torch.cat([model.user_embedding(view.take(rows).to(device)).float().cpu() for rows in chunks])
         items = model.item_embeddings().float().cpu()
         return ranking_metrics(users, items, candidates, self.data.domain_names, self.data.item_count)
+
+
+CANDIDATE_KS = (1, 5, 10, 50)
+
+
+class CandidateRanking:
+    """Sampled ranking of a ranker's scores (module docstring). ``valid_rows``: rank a seeded
+    subset of at most this many valid rows (validation during training)."""
+
+    def __init__(
+        self, store: Store, item: str = "item_id", item_features: list[str] | None = None, negatives: int = 99,
+        seed: int = 0, valid_rows: int | None = None, batch_rows: int = 128, ks: tuple[int, ...] = CANDIDATE_KS,
+        label: str | None = None,
+    ) -> None:  # fmt: skip
+        schema = store.schema
+        if schema.user is None:
+            raise DataError(f"{store.path}: candidate ranking needs a user column (the negatives are items the user never had)")
+        self.store, self.item, self.negatives, self.seed = store, item, negatives, seed
+        self.valid_rows, self.batch_rows, self.ks = valid_rows, batch_rows, ks
+        self.label = label or schema.labels[0]  # the ranker's prediction that orders the candidates
+        self.features = {name: torch.from_numpy(ids) for name, ids in store.item_features(item, list(item_features or [])).items()}
+        self.vectors = {f.name: torch.from_numpy(store.vectors_by_vocab(f.name)) for f in schema.embeddings if f.key == item}
+        train = store.split("train")
+        users, items = train.column(schema.user).astype(np.int64), train.column(item).astype(np.int64)
+        self.num_items = schema.vocab_size(schema.feature(item).vocab)
+        self.seen_keys = np.unique(users * self.num_items + items)
+        self.item_count = np.bincount(items, minlength=self.num_items)
+        self.pool = np.flatnonzero(self.item_count)  # items with a train row
+        self.candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def candidates_of(self, view: SplitView) -> tuple[np.ndarray, np.ndarray]:
+        """(rows [N], items [N, 1 + negatives], target first), drawn once per split."""
+        if view.name not in self.candidates:
+            generator = np.random.default_rng([self.seed, SPLITS_ORDER.index(view.name)])
+            rows = np.arange(len(view))
+            if view.name == "valid" and self.valid_rows is not None and len(rows) > self.valid_rows:
+                rows = np.sort(generator.choice(rows, self.valid_rows, replace=False))
+            users = view.column(self.store.schema.user).astype(np.int64)[rows]
+            targets = view.column(self.item).astype(np.int64)[rows]
+            if len(self.pool) <= self.negatives:
+                raise DataError(f"{self.store.path}: {len(self.pool)} items with train rows are too few for {self.negatives} negatives")
+            chosen = [_negatives(generator, self.pool, users[chunk], targets[chunk], self.seen_keys, self.num_items, self.negatives)
+                      for chunk in np.array_split(np.arange(len(rows)), max(1, len(rows) // 2048))]  # fmt: skip
+            self.candidates[view.name] = rows, np.concatenate([targets[:, None], np.concatenate(chosen)], 1)
+        return self.candidates[view.name]
+
+    def expanded(self, batch: Batch, items: Tensor) -> Batch:
+        """``batch``'s rows, each repeated once per candidate ``items`` [B, C], the item and its
+        features replaced by the candidate's -> a batch of B x C rows."""
+        schema, c = self.store.schema, items.shape[1]
+        flat = items.flatten()
+        categorical = batch.categorical.repeat_interleave(c, 0)
+        categorical[:, schema.categorical_index(self.item)] = flat
+        sequences = {name: values.repeat_interleave(c, 0) for name, values in batch.sequences.items()}
+        for name, table in self.features.items():
+            if schema.feature(name).kind is Kind.CATEGORICAL:
+                categorical[:, schema.categorical_index(name)] = table[flat]
+            else:
+                sequences[name] = table[flat]
+        embeddings = {name: values.repeat_interleave(c, 0) for name, values in batch.embeddings.items()}
+        embeddings |= {name: table[flat] for name, table in self.vectors.items()}
+        names = [f.name for f in schema.categorical]
+        return dataclasses.replace(
+            batch, categorical=categorical, numeric=batch.numeric.repeat_interleave(c, 0), sequences=sequences,
+            embeddings=embeddings, labels={name: v.repeat_interleave(c, 0) for name, v in batch.labels.items()},
+            group=categorical[:, names.index(schema.user)], domain=None if batch.domain is None else batch.domain.repeat_interleave(c, 0),
+            row=batch.row.repeat_interleave(c, 0),
+        )  # fmt: skip
+
+    def __call__(self, model: Model, view: SplitView) -> dict[str, float]:
+        rows, items = self.candidates_of(view)
+        device = next(model.parameters()).device
+        scores = []
+        for chunk in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // self.batch_rows))):
+            candidates = torch.from_numpy(items[chunk])
+            batch = self.expanded(view.take(rows[chunk]), candidates).to(device)
+            scores.append(model.predict(model(batch))[self.label].float().cpu().view(len(chunk), -1))
+        scores = torch.cat(scores)  # [N, C]
+        popular = torch.from_numpy(self.item_count.astype(np.float32))[torch.from_numpy(items)]
+        ranked = sampled_ranking_metrics(scores[:, 0], scores[:, 1:], ks=self.ks)
+        reference = sampled_ranking_metrics(popular[:, 0], popular[:, 1:], ks=self.ks)
+        keep = [f"hr@{k}" for k in self.ks] + [f"ndcg@{k}" for k in self.ks] + ["mrr"]
+        return {k: ranked[k] for k in keep} | {f"popular_{k}": reference[k] for k in keep} | {"ranked_rows": float(len(rows))}

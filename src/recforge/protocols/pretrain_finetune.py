@@ -3,7 +3,10 @@
 Stage 1 trains the cell's experiment with the study's ``pretrain`` overrides applied (e.g.
 ``model.params.pretrain=true``, ``train.epochs=1``) into ``out/pretrain``; stage 2 builds the cell's
 own model, calls its :meth:`~recforge.models.capabilities.Pretrainable.restore_pretrained` with the
-stage-1 model, and trains it into ``out/finetune``; its bundle is ``out/model``. A variant with
+stage-1 model, and trains it into ``out/finetune``; its bundle is ``out/model``. Both stages are
+evaluated pointwise (AUC, GAUC, LogLoss), or with ``evaluation: candidates`` by
+:class:`~recforge.evaluate.evaluators.CandidateRanking` (each held-out item against ``negatives``
+sampled items; HIT@K, NDCG@K, MRR). A variant with
 ``pretrained: false`` skips stage 1 (the "without pretraining" ablation). Both stages start from
 the same seed. Records: stage 2's metrics as the standard protocol's (split valid / test / fit),
 stage 1's under the group ``stage: pretrain``.
@@ -16,16 +19,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from recforge.bundle import load_bundle, save_bundle
 from recforge.config import ConfigError, ExperimentConfig, apply_overrides, problems
 from recforge.experiment import prepare_store
 from recforge.files import write_atomic
+from recforge.data.store import Store
 from recforge.errors import ModelConfigError
+from recforge.evaluate.evaluators import CandidateRanking, Evaluator
 from recforge.models import Model, build_model
 from recforge.models.base import make_config
 from recforge.models.capabilities import Pretrainable
@@ -36,6 +41,12 @@ from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
 class PretrainFinetuneParams(Params):
     pretrain: list[str]  # a.b.c=value overrides that turn a cell's experiment into its pretraining run
+    evaluation: Literal["pointwise", "candidates"] = "pointwise"  # candidates: CandidateRanking
+    item: str = "item_id"  # candidates: the ranked item and
+    item_features: list[str] = Field(default_factory=list)  # the features that go with it
+    negatives: int = Field(99, ge=1)
+    eval_seed: int = 0
+    valid_rows: int | None = Field(2000, ge=1)  # candidates: valid rows ranked while training
 
 
 class PretrainVariant(Params):
@@ -63,14 +74,23 @@ class PretrainFinetune(Protocol):
                 raise ConfigError(f"{cell.variant}: params.pretrain: {problems(err)}") from None
             except ModelConfigError as err:
                 raise ConfigError(f"{cell.variant}: params.pretrain: {err}") from None
-            source, metrics = _stage(pretrain_config, store, out / "pretrain")
+            source, metrics = _stage(pretrain_config, store, out / "pretrain", self.evaluator(store))
             records += [{**r, "group": {**r["group"], "stage": "pretrain"}} for r in metric_records(metrics)]
-        model, metrics = _stage(config, store, out / "finetune", source)
+        model, metrics = _stage(config, store, out / "finetune", self.evaluator(store), source)
         save_bundle(model, store, out / "model")
         return records + metric_records(metrics)
 
 
-def _stage(config: ExperimentConfig, store, out: Path, source: Model | None = None) -> tuple[Model, dict[str, float]]:
+    def evaluator(self, store: Store) -> Evaluator | None:
+        p = self.params
+        if p.evaluation == "pointwise":
+            return None  # the model's own
+        return CandidateRanking(store, p.item, p.item_features, p.negatives, p.eval_seed, p.valid_rows)
+
+
+def _stage(
+    config: ExperimentConfig, store: Store, out: Path, evaluator: Evaluator | None, source: Model | None = None
+) -> tuple[Model, dict[str, float]]:
     """Train one stage into ``out`` (or read it back when it finished before) -> (model, metrics)."""
     done = out / "metrics.json"
     if done.exists():
@@ -84,7 +104,7 @@ def _stage(config: ExperimentConfig, store, out: Path, source: Model | None = No
         if not isinstance(model, Pretrainable):
             raise ConfigError(f"model {config.model.name!r} cannot be fine-tuned from a pretrained model (it is not pretrainable)")
         model.restore_pretrained(source)
-    metrics = Trainer(model, store, train_config, out).fit()
+    metrics = Trainer(model, store, train_config, out, evaluator).fit()
     save_bundle(model, store, out / "model")
     write_atomic(done, json.dumps(metrics, indent=2))
     return model, metrics

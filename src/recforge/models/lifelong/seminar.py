@@ -59,7 +59,6 @@ from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
 from recforge.models.capabilities import Pretrainable
 from recforge.models.features import FeatureEmbedding
-from recforge.models.multimodal.em3 import item_attributes
 from recforge.nn.mlp import MLP
 
 if TYPE_CHECKING:
@@ -191,7 +190,7 @@ class SEMINAR(SingleTaskModel, Pretrainable):
     def side_data(cls, store: "Store", config: SEMINARConfig) -> dict[str, Tensor]:
         """The frozen text vector and the attribute ids of every item (see the module docstring)."""
         check_features(store.schema, config)
-        side = {f"attributes.{name}": ids for name, ids in item_attributes(store, config.target, config.attributes).items()}
+        side = {f"attributes.{name}": torch.from_numpy(ids) for name, ids in store.item_features(config.target, config.attributes).items()}
         if config.text:
             side["text"] = torch.from_numpy(store.vectors_by_vocab(config.text))
         return side

@@ -64,7 +64,6 @@ from torch import Tensor, nn
 from recforge.data.batch import Batch
 from recforge.data.content import token_states
 from recforge.data.schema import Kind, Schema
-from recforge.data.splits import SPLITS
 from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
 from recforge.models.features import FeatureEmbedding
@@ -173,29 +172,6 @@ def check_content_features(schema: Schema, config: EM3Config) -> None:
             raise ModelConfigError(f"model.params.attributes: em3 reads categorical or list item fields, not {name!r}")
 
 
-def item_attributes(store: "Store", target: str, attributes: list[str]) -> dict[str, Tensor]:
-    """Each attribute's ids per item of ``target``'s vocabulary, from the item's first row (train,
-    then valid, then test: an item's attributes are its content, known for new items too)."""
-    schema = store.schema
-    size = schema.vocab_size(schema.feature(target).vocab)
-    shapes = {n: (size,) if schema.feature(n).kind is Kind.CATEGORICAL else (size, schema.feature(n).max_len) for n in attributes}
-    out = {name: torch.zeros(shape, dtype=torch.long) for name, shape in shapes.items()}
-    seen = np.zeros(size, dtype=bool)
-    for split in SPLITS:
-        view = store.split(split)
-        unique, first = np.unique(view.column(target).astype(np.int64), return_index=True)
-        rows = np.sort(first[~seen[unique]])
-        seen[unique] = True
-        if not len(rows):
-            continue
-        batch = view.take(rows)
-        items = batch.categorical[:, schema.categorical_index(target)]
-        for name in attributes:
-            categorical = schema.feature(name).kind is Kind.CATEGORICAL
-            out[name][items] = batch.categorical[:, schema.categorical_index(name)] if categorical else batch.sequences[name]
-    return out
-
-
 def modality_side(store: "Store", item: str, text: str | None, text_tokens: int, vectors: list[str], attributes: list[str]) -> dict[str, Tensor]:
     """The cached modality inputs of every item of ``item``'s vocabulary: ``text_states`` [V, T, 384]
     and ``text_mask`` [V, T], ``vectors.<name>`` [V, dim], ``attributes.<name>`` [V] or [V, L]."""
@@ -205,8 +181,8 @@ def modality_side(store: "Store", item: str, text: str | None, text_tokens: int,
         side["text_states"], side["text_mask"] = torch.from_numpy(states), torch.from_numpy(mask)
     for name in vectors:
         side[f"vectors.{name}"] = torch.from_numpy(store.vectors_by_vocab(name))  # [V, dim]
-    for name, ids in item_attributes(store, item, attributes).items():
-        side[f"attributes.{name}"] = ids
+    for name, ids in store.item_features(item, attributes).items():
+        side[f"attributes.{name}"] = torch.from_numpy(ids)
     return side
 
 
