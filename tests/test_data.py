@@ -374,3 +374,13 @@ def test_rows_that_give_one_key_two_vectors_are_refused(tmp_path):
     schema.features.append(Feature(name="item_vec", kind="embedding", key="item_id", dim=2))
     with pytest.raises(DataError, match=rf"memory: embedding column 'item_vec' gives item_id '{item}' different vectors \(row {first + 1} and row {later + 1}\)"):
         prepare(RawDataset(frame, Schema.model_validate(schema.model_dump()), "memory"), tmp_path / "s")
+
+
+def test_a_history_takes_its_timelines_vocabulary():
+    base = [Feature(name="user_id", kind="categorical"), Feature(name="query", kind="sequence", max_len=3, vocab="term")]
+    schema = Schema(features=[*base, Feature(name="hist_query", kind="sequence", timeline="query", max_len=4)],
+                    labels=["click"], user="user_id", time="t")  # fmt: skip
+    assert schema.feature("hist_query").vocab == "term"
+    with pytest.raises(ValueError, match="history 'hist_query' has vocab 'x' but its timeline 'query' has 'term'; a history shares"):
+        Schema(features=[*base, Feature(name="hist_query", kind="sequence", timeline="query", max_len=4, vocab="x")],
+               labels=["click"], user="user_id", time="t")  # fmt: skip

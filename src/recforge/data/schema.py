@@ -142,6 +142,13 @@ class Schema(BaseModel):
                         f"schema: sequence {f.name!r} draws on timeline {f.timeline!r}, "
                         "which must be a categorical or list feature"
                     )
+                if f.vocab == f.timeline:  # the default: the timeline feature's own vocabulary
+                    f.vocab = source.vocab
+                elif f.vocab != source.vocab:
+                    raise ValueError(
+                        f"schema: history {f.name!r} has vocab {f.vocab!r} but its timeline {f.timeline!r} has {source.vocab!r}; "
+                        "a history shares its timeline's vocabulary"
+                    )
                 if self.user is None or self.time is None:
                     raise ValueError(f"schema: history {f.name!r} needs the user and time columns")
             if f.kind is Kind.EMBEDDING:
