@@ -76,6 +76,8 @@ _SOURCES: dict[str, tuple[str, dict[str, object]]] = {
     "amazon-cross-sport-phone": ("amazon_crossdomain", {"pair": "sport_phone"}),
     "amazon-cross-cloth-electronic": ("amazon_crossdomain", {"pair": "cloth_electronic"}),
     "amazon-musical-instruments": ("amazon_reviews", {}),
+    "jdsearch": ("jdsearch", {}),
+    "lifelong-simulator": ("lifelong_simulator", {}),
 }
 SOURCES = (*_SOURCES, "file")
 

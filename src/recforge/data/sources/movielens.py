@@ -21,6 +21,14 @@ and 3027, all "N/A") have no text beyond title, year and genres.
 
 The text puts the short fields first and the plot last (title, year, genres, director, actors,
 plot): the encoder reads at most 256 word pieces, so a long plot is what gets cut.
+
+With ``query_words`` (1M only) every rating becomes a (query, item) pair, the pseudo-query of data
+without queries being the first words of the item's text: ``query`` holds the first
+``query_words`` lower-cased words of the movie's title (as ``title`` above, so "Usual Suspects,
+The (1995)" gives "the", "usual", "suspects"); a word is a run of letters and digits, inner
+apostrophes kept ("children's"). The schema declares ``query`` and, with a history,
+``hist_query``: the queries of the same earlier ratings as ``hist_item_id``, ``[B, L, W]`` with
+W = ``query_words``.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ EXTRAS = Remote(
 EXTRAS_HEADER = ("MovieID", "Title", "Year", "Rated", "Released", "Genre", "Director", "Writer", "Actors", "Plot", "PosterURL")
 TEXT = ["title", "year", "genres", "director", "actors", "plot"]  # item_text's columns, in reading order
 TEXT_DIM = 384  # width of the sentence encoder's vectors (recforge.text.encoder.EMBEDDING_DIM)
+_WORD = r"[^\W_]+(?:'[^\W_]+)*"  # a query word: letters and digits, inner apostrophes kept
 # articles that movies.dat moves to the end of a title ("Postino, Il"); put back in front
 _ARTICLES = ("The", "A", "An", "La", "Le", "Les", "El", "Il", "Der", "Das", "Die")
 
@@ -86,6 +95,7 @@ def load(
     root: str | Path | None = None,
     text: bool = False,
     extras_root: str | Path | None = None,
+    query_words: int = 0,
 ) -> RawDataset:
     """Ratings of MovieLens ``variant`` ("1m" or "100k") with user and movie features.
 
@@ -93,15 +103,20 @@ def load(
     verified download). ``history_len`` > 0 declares ``hist_item_id``, the user's last items.
     ``text`` adds the movie text columns and ``item_text`` (see the module); ``extras_root`` is the
     folder of ``movies_extrainfos.dat`` (``$RECFORGE_DATA/movielens-1m-melu-extrainfos`` by default).
+    ``query_words`` > 0 adds the pseudo-query of each rating (see the module).
 
     Columns: user_id, item_id (int64); gender, age, occupation, zip, year (str); genres
-    (list[str]); with ``text``: title, director, actors, plot (str); rating (int64, not a
-    feature); timestamp (int64 seconds); click (int8).
+    (list[str]); with ``text``: title, director, actors, plot (str); with ``query_words``: query
+    (list[str]); rating (int64, not a feature); timestamp (int64 seconds); click (int8).
     """
     if history_len < 0:
         raise DataError(f"history_len must be >= 0, got {history_len}")
     if text and variant != "1m":
         raise DataError(f"text needs MovieLens variant '1m' (the plots are of ML-1M movies), not {variant!r}")
+    if query_words < 0:
+        raise DataError(f"query_words must be >= 0, got {query_words}")
+    if query_words and variant != "1m":
+        raise DataError(f"query_words needs MovieLens variant '1m', not {variant!r}")
     if variant == "1m":
         base = dataset_dir("movielens-1m", [ML_1M], root=root)
         ratings, users, movies, origin = _read_1m(base / ML_1M.name)
@@ -123,18 +138,26 @@ def load(
         extras = dataset_dir(EXTRAS_FOLDER, [EXTRAS], root=extras_root) / EXTRAS.name
         texts = ["title", "director", "actors", "plot"]
         frame = frame.join(movie_texts(base / ML_1M.name, extras), on="item_id", how="left", validate="m:1", maintain_order="left")
-    frame = frame.select("user_id", "item_id", *SIDE, "genres", *texts, "rating", "timestamp", "click")
-    return RawDataset(frame=frame, schema=schema(history_len, text), origin=origin["ratings"])
+    queries = []
+    if query_words:
+        queries = ["query"]
+        frame = frame.join(title_queries(base / ML_1M.name, query_words), on="item_id", how="left", validate="m:1", maintain_order="left")
+    frame = frame.select("user_id", "item_id", *SIDE, "genres", *texts, *queries, "rating", "timestamp", "click")
+    return RawDataset(frame=frame, schema=schema(history_len, text, query_words), origin=origin["ratings"])
 
 
-def schema(history_len: int = 50, text: bool = False) -> Schema:
+def schema(history_len: int = 50, text: bool = False, query_words: int = 0) -> Schema:
     """Schema of :func:`load`'s frame."""
     features = [Feature(name=c, kind=Kind.CATEGORICAL) for c in ["user_id", "item_id", *SIDE]]
     features.append(
         Feature(name="genres", kind=Kind.SEQUENCE, max_len=GENRES_MAX_LEN, vocab="genre")
     )
+    if query_words:
+        features.append(Feature(name="query", kind=Kind.SEQUENCE, max_len=query_words))
     if history_len:
         features.append(history_feature(history_len))
+    if history_len and query_words:
+        features.append(Feature(name="hist_query", kind=Kind.SEQUENCE, timeline="query", max_len=history_len))
     if text:
         features.append(text_feature(TEXT))
     return Schema(features=features, labels=["click"], user="user_id", time="timestamp")
@@ -169,6 +192,16 @@ def movie_texts(archive: Path, extras: Path) -> pl.DataFrame:
     )
     texts = movies.select("item_id", _title(pl.col("title"))).join(info, on="item_id", how="left", validate="1:1")
     return texts.with_columns(pl.col("director", "actors", "plot").fill_null(""))
+
+
+def title_queries(archive: Path, words: int) -> pl.DataFrame:
+    """item_id -> query: the first ``words`` lower-cased words of each movie's title (as
+    :func:`movie_texts` gives it) in the ML-1M ``archive`` -> list[str]."""
+    origin = f"{archive}:ml-1m/movies.dat"
+    with zipfile.ZipFile(archive) as zf:
+        raw = zf.read("ml-1m/movies.dat").decode("latin-1").encode()
+    movies = _parse(raw, "::", {"item_id": pl.Int64, "title": pl.String, "genres": pl.String}, origin)
+    return movies.select("item_id", _title(pl.col("title")).str.to_lowercase().str.extract_all(_WORD).list.head(words).alias("query"))
 
 
 def read_extras(path: Path) -> pl.DataFrame:
