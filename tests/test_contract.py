@@ -40,6 +40,9 @@ CASES: dict[str, tuple[str, dict]] = {
     "em3": ("synthetic", {"text": None, "attributes": ["f1", "f2"]}),
     "freedom": ("content", {"embedding_dim": 8}),
     "em3_freedom": ("content", {"embedding_dim": 8, "text": None, "vectors": ["item_text"], "fq_heads": 2}),
+    "seminar": ("synthetic", {"embedding_dim": 8, "heads": 2, "top_k": 3, "hidden": [8], "query_history": None, "text": None, "attributes": ["f1"]}),
+    "qin": ("synthetic", {"top_k": 3}),
+    "sim_hard": ("synthetic", {"attribute": "f1", "top_k": 3}),
 }  # fmt: skip
 
 

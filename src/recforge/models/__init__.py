@@ -7,7 +7,7 @@ from recforge.models.multimodal import em3  # noqa: F401
 from recforge.models.multimodal import freedom  # noqa: F401
 from recforge.models.multimodal import em3_freedom  # noqa: F401
 from recforge.models.multimodal import qarm  # noqa: F401
-from recforge.models.lifelong import seminar  # noqa: F401
+from recforge.models.lifelong import search, seminar  # noqa: F401
 from recforge.models.multitask import esmm, mmoe  # noqa: F401
 from recforge.models.multitask import chorus_cvr, dcmt, escm2  # noqa: F401
 from recforge.models.ranking import dcnv2, deepfm, din, dnn, fm, lr  # noqa: F401

@@ -1,0 +1,283 @@
+"""Two-stage lifelong-sequence rankers: a general search unit (GSU) picks K of the L events of a
+long history, an exact search unit (ESU) attends over them. One file per paper's GSU:
+
+- SIM (Pi et al., Search-based User Interest Modeling with Lifelong Sequential Behavior Data for
+  CTR Prediction, CIKM 2020, arXiv:2006.05639): ``sim_hard``, the last K events sharing the
+  target's attribute (category search); ``sim_soft``, the top K by the inner product of the
+  target's and the events' embeddings;
+- ETA (Chen et al., Efficient Long Sequential User Data Modeling for Click-Through Rate
+  Prediction, arXiv:2108.04468): the top K by the Hamming distance of SimHash signatures;
+- TWIN (Chang et al., TWIN: TWo-stage Interest Network for Lifelong User Behavior Modeling in CTR
+  Prediction at Kuaishou, KDD 2023, arXiv:2302.02352): the top K by the ESU's own attention scores
+  (consistent GSU and ESU), per head;
+- QIN (Guo et al., Query-dominant User Interest Network for Large-Scale Search Ranking, CIKM 2023,
+  arXiv:2308.06501): the top K by relevance to the current query (the target item when the
+  row has no query), then attention over the query and target fused.
+
+Shared here: every field embedding, the ESU ``u`` (multi-head softmax target attention over the
+selected events, :class:`TargetESU`; TWIN's own searches with its heads) and an MLP over
+``[fields; lists; u; e_t]`` with ReLU. Chosen here [reconstructed]: the soft search and SimHash
+read the same item embeddings as the ESU, without gradient (SIM trains a separate GSU embedding
+with an auxiliary loss; ETA hashes the ESU embeddings, as here); SimHash planes are fixed at
+initialisation (seeded by ``hash_seed``) and saved with the weights.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from recforge.data.batch import Batch
+from recforge.data.schema import Kind, Schema
+from recforge.errors import ModelConfigError
+from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
+from recforge.models.features import FeatureEmbedding
+from recforge.models.lifelong.seminar import MultiHeadSearch
+from recforge.nn.mlp import MLP
+
+if TYPE_CHECKING:
+    from recforge.data.store import Store
+
+
+@dataclass
+class SearchConfig(SingleTaskConfig):
+    embedding_dim: int = 16
+    history: str = "hist_item_id"
+    target: str = "item_id"
+    top_k: int = 50  # K events kept by the GSU
+    heads: int = 4  # of the ESU
+    hidden: list[int] = field(default_factory=lambda: [200, 80])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_k < 1 or self.heads < 1:
+            raise ModelConfigError(f"top_k: top_k and heads must be >= 1, got {self.top_k} and {self.heads}")
+        if self.embedding_dim % self.heads:
+            raise ModelConfigError(f"heads: must divide embedding_dim={self.embedding_dim}, got {self.heads}")
+
+
+class TargetESU(nn.Module):
+    """Multi-head softmax attention of the target over the selected events:
+    ``head_h = Σ_k softmax_k((W_Q^h e_t)·(W_K^h e_k) / √d_h) W_V^h e_k``, ``u = W_O [head_1 ‖ …]``;
+    ``[B, D], [B, K, D], [B, K] (True = a selected event) -> [B, D]`` (0 heads for a row without events)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.query, self.key, self.value = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.output = nn.Linear(dim, dim)
+
+    def forward(self, target: Tensor, events: Tensor, valid: Tensor) -> Tensor:
+        b, k, d = events.shape
+        q = self.query(target).view(b, self.heads, 1, self.head_dim)  # [B, H, 1, d_h]
+        keys = self.key(events).view(b, k, self.heads, self.head_dim).transpose(1, 2)  # [B, H, K, d_h]
+        values = self.value(events).view(b, k, self.heads, self.head_dim).transpose(1, 2)
+        scores = (q @ keys.transpose(-1, -2)).squeeze(2) / self.head_dim**0.5  # [B, H, K]
+        weights = torch.nan_to_num(scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1), nan=0.0)
+        return self.output((weights.unsqueeze(-1) * values).sum(2).flatten(1))  # [B, D]
+
+
+def gather_events(values: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` [B, K] of ``values`` [B, L, ...] -> [B, K, ...]."""
+    shape = index.shape + values.shape[2:]
+    flat = index.reshape(index.shape[0], -1, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
+    return torch.gather(values, 1, flat).reshape(shape)
+
+
+def top_events(scores: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The K best-scoring real events of each row: ``scores``, ``mask`` [B, L] -> (index [B, K],
+    valid [B, K]); a row with fewer than K events marks the rest invalid."""
+    k = min(k, scores.shape[1])
+    top, index = scores.masked_fill(~mask, float("-inf")).topk(k, dim=-1)
+    return index, top > float("-inf")
+
+
+class SearchRanker(SingleTaskModel):
+    """A GSU (:meth:`select`) then an ESU over a long history, scored by an MLP."""
+
+    config_class = SearchConfig
+    results_page = "docs/results/seminar.md"
+
+    def __init__(self, schema: Schema, config: SearchConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
+        history, target = schema.feature(config.history), schema.feature(config.target)
+        if history.kind is not Kind.SEQUENCE or target.kind is not Kind.CATEGORICAL or history.vocab != target.vocab:
+            raise ModelConfigError(
+                f"model.params.history: {self.registry_name} needs history {config.history!r} a sequence and target "
+                f"{config.target!r} a categorical feature of the same vocabulary"
+            )
+        self.target_index = schema.categorical_index(config.target)
+        self.history_names = {f.name for f in schema.histories}
+        self.other_sequences = [i for i, f in enumerate(schema.sequences) if f.name not in self.history_names]
+        d = config.embedding_dim
+        self.embedding = FeatureEmbedding(schema, d)
+        self.esu = TargetESU(d, config.heads)
+        in_dim = (len(schema.categorical) + len(self.other_sequences) + 1) * d + len(schema.numeric)
+        self.mlp = MLP(in_dim, config.hidden, config.dropout, "relu", out_dim=1)
+
+    @abstractmethod
+    def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+        """The user's interest in the target: ``[B, D], [B, L, D], [B, L] -> [B, D]``."""
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        fields = self.embedding.fields(batch)  # [B, F, D]
+        target = fields[:, self.target_index]  # e_t: [B, D]
+        history = self.embedding.sequence(batch, self.config.history)  # [B, L, D]
+        mask = batch.sequences[self.config.history] != 0  # [B, L]
+        u = self.interest(batch, target, history, mask)  # [B, D]
+        lists = self.embedding.pooled_sequences(batch)[:, self.other_sequences]  # [B, S, D]
+        x = torch.cat([fields.flatten(1), lists.flatten(1), u, batch.numeric], 1)
+        return {self.predicted_label: self.mlp(x).squeeze(-1)}  # [B]
+
+
+class SelectThenAttend(SearchRanker):
+    """GSU indices from :meth:`select`, then the ESU over the selected events."""
+
+    @abstractmethod
+    def select(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (index [B, K], valid [B, K])."""
+
+    def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+        index, valid = self.select(batch, target, history, mask)
+        return self.esu(target, gather_events(history, index), valid)
+
+
+# --- SIM ----------------------------------------------------------------------------------------
+@dataclass
+class SIMHardConfig(SearchConfig):
+    attribute: str = "category"  # the categorical item field searched by (the paper: category)
+
+
+@register("sim_hard")
+class SIMHard(SelectThenAttend):
+    """SIM, hard search: the last K events whose item shares the target's ``attribute``."""
+
+    config_class = SIMHardConfig
+    paper = "Pi et al., Search-based User Interest Modeling with Lifelong Sequential Behavior Data for CTR Prediction, CIKM 2020, arXiv:2006.05639"
+
+    @classmethod
+    def side_data(cls, store: "Store", config: SIMHardConfig) -> dict[str, Tensor]:
+        """``attribute`` [V]: the attribute id of every item."""
+        _check_attribute(store.schema, config)
+        return {"attribute": torch.from_numpy(store.item_features(config.target, [config.attribute])[config.attribute])}
+
+    def __init__(self, schema: Schema, config: SIMHardConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
+        _check_attribute(schema, config)
+        if "attribute" not in self.side:
+            raise ValueError("sim_hard: side data lacks 'attribute' (SIMHard.side_data(store, config) gives it)")
+        self.register_buffer("attribute", self.side["attribute"], persistent=False)  # [V]
+
+    def select(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        items = batch.sequences[self.config.history]  # [B, L], oldest first
+        same = self.attribute[items] == self.attribute[batch.categorical[:, self.target_index]].unsqueeze(1)  # [B, L]
+        recency = torch.arange(items.shape[1], device=items.device, dtype=torch.float32).expand_as(items)
+        return top_events(torch.where(same, recency, float("-inf")), mask & same, self.config.top_k)
+
+
+def _check_attribute(schema: Schema, config: SIMHardConfig) -> None:
+    if config.attribute not in {f.name for f in schema.categorical}:
+        raise ModelConfigError(f"model.params.attribute: sim_hard searches by a categorical item field, not {config.attribute!r}")
+
+
+@register("sim_soft")
+class SIMSoft(SelectThenAttend):
+    """SIM, soft search: the top K events by ``e_t · e_l`` (embeddings without gradient)."""
+
+    paper = SIMHard.paper
+
+    def select(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        scores = torch.einsum("bd,bld->bl", target.detach(), history.detach())  # [B, L]
+        return top_events(scores, mask, self.config.top_k)
+
+
+# --- ETA ----------------------------------------------------------------------------------------
+@dataclass
+class ETAConfig(SearchConfig):
+    hash_bits: int = 64  # m hyperplanes
+    hash_seed: int = 0
+
+
+@register("eta")
+class ETA(SelectThenAttend):
+    """ETA: the top K events by the Hamming similarity of SimHash signatures ``sign(P e)``."""
+
+    config_class = ETAConfig
+    paper = "Chen et al., Efficient Long Sequential User Data Modeling for Click-Through Rate Prediction, arXiv:2108.04468"
+
+    def __init__(self, schema: Schema, config: ETAConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
+        if config.hash_bits < 1:
+            raise ModelConfigError(f"hash_bits: must be >= 1, got {config.hash_bits}")
+        generator = torch.Generator().manual_seed(config.hash_seed)
+        self.register_buffer("planes", torch.randn(config.embedding_dim, config.hash_bits, generator=generator))  # P: [D, m]
+
+    def select(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        t_bits = target.detach() @ self.planes > 0  # [B, m]
+        h_bits = history.detach() @ self.planes > 0  # [B, L, m]
+        agree = (h_bits == t_bits.unsqueeze(1)).sum(-1).float()  # m - Hamming distance: [B, L]
+        return top_events(agree, mask, self.config.top_k)
+
+
+# --- TWIN ---------------------------------------------------------------------------------------
+@register("twin")
+class TWIN(SearchRanker):
+    """TWIN: the GSU ranks events by the ESU's own multi-head attention scores (consistent search)."""
+
+    paper = "Chang et al., TWIN: TWo-stage Interest Network for Lifelong User Behavior Modeling in CTR Prediction at Kuaishou, KDD 2023, arXiv:2302.02352"
+
+    def __init__(self, schema: Schema, config: SearchConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
+        self.esu = MultiHeadSearch(config.embedding_dim, config.heads, config.top_k)
+
+    def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+        return self.esu(target, history, mask)
+
+
+# --- QIN ----------------------------------------------------------------------------------------
+@dataclass
+class QINConfig(SearchConfig):
+    query: str | None = None  # the row's query tokens (a list feature of the history's query vocabulary); None = no query
+    query_history: str | None = None  # the events' query tokens (a list timeline, e.g. hist_query); None = items only
+
+
+@register("qin")
+class QIN(SearchRanker):
+    """QIN: the relevance search unit keeps the K events most similar to the current query (the
+    target item for a row without one), matching both the event's item and its query; the fused
+    attention unit attends with the query and the target summed."""
+
+    config_class = QINConfig
+    paper = "Guo et al., Query-dominant User Interest Network for Large-Scale Search Ranking, CIKM 2023, arXiv:2308.06501"
+
+    def __init__(self, schema: Schema, config: QINConfig, side: dict[str, Tensor] | None = None) -> None:
+        super().__init__(schema, config, side)
+        for key in ("query", "query_history"):
+            name = getattr(config, key)
+            if name is not None and name not in {f.name for f in schema.sequences}:
+                raise ModelConfigError(f"model.params.{key}: qin needs {name!r} a sequence of query tokens")
+        self.other_sequences = [i for i, f in enumerate(schema.sequences) if f.name not in self.history_names | {config.query}]
+
+    def _query(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
+        tokens = batch.sequences[name]  # [B, W] or [B, L, W]
+        real = (tokens != 0).unsqueeze(-1)
+        e = (self.embedding.sequence(batch, name) * real).sum(-2) / real.sum(-2).clamp(min=1)  # masked mean
+        return e, real.squeeze(-1).any(-1)  # [..., D], has a query
+
+    def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+        cfg = self.config
+        probe = target
+        if cfg.query is not None:
+            e_q, has = self._query(batch, cfg.query)  # [B, D], [B]
+            probe = torch.where(has.unsqueeze(-1), e_q, target)  # rows without a query search by the target
+        events = history
+        if cfg.query_history is not None:
+            events = history + self._query(batch, cfg.query_history)[0]  # item + its query: [B, L, D]
+        scores = torch.einsum("bd,bld->bl", probe, events)  # relevance to the query: [B, L]
+        index, valid = top_events(scores, mask, cfg.top_k)
+        return self.esu(probe + target, gather_events(history, index), valid)  # fused query and target
