@@ -98,3 +98,27 @@ def test_candidate_evaluation_ranks_each_held_out_item_against_sampled_ones(work
     assert 0 <= test["hr@1"] <= test["hr@10"] <= test["hr@50"] == 1.0  # 21 candidates: all within the top 50
     valid = {r["metric"]: r["value"] for r in found["runs"][0]["records"] if r["split"] == "valid" and not r["group"]}
     assert valid["ranked_rows"] == 50
+
+
+SIMULATED = {"source": "lifelong-simulator", "options": {"n_users": 40, "min_events": 60, "max_events": 300, "n_items": 800,
+             "n_clusters": 20, "interests_per_user": 2, "history_len": 40, "seed": 1}}  # fmt: skip
+
+
+def test_lifelong_recall_measures_the_searched_share_of_the_planted_events(workdir):
+    twin = {"name": "twin", "params": {"embedding_dim": 8, "heads": 2, "hidden": [8]}}
+    variants = [{"label": "keeps all", "model": {**twin, "params": {**twin["params"], "top_k": 40}}, "params": {"pretrained": False}},
+                {"label": "keeps 4", "model": {**twin, "params": {**twin["params"], "top_k": 4}}, "params": {"pretrained": False}}]  # fmt: skip
+    changed = spec(protocol="lifelong_recall", variants=variants, defaults={"data": SIMULATED, "train": TRAIN})
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(changed))
+    found = run_study(workdir / "spec.yaml", workdir / "runs", workdir / "stores", log=lambda _: None)
+    test = {run["variant"]: {r["metric"]: r["value"] for r in run["records"] if r["split"] == "test"} for run in found["runs"]}
+    assert test["keeps all"]["gsu_recall"] == pytest.approx(1.0) and test["keeps all"]["random_recall"] == pytest.approx(1.0)
+    few = test["keeps 4"]
+    assert few["relevant_rows"] > 0 and 0 < few["gsu_recall"] < 1 and 0 < few["random_recall"] < 0.5 and 0 <= few["recent_recall"] < 1
+
+
+def test_lifelong_recall_needs_the_simulator(workdir):
+    changed = spec(protocol="lifelong_recall", variants=spec()["variants"][1:])
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(changed))
+    with pytest.raises(ConfigError, match="the lifelong_recall protocol reads the truth of data.source lifelong-simulator, not 'synthetic'"):
+        run_study(workdir / "spec.yaml", workdir / "runs", workdir / "stores", log=lambda _: None)

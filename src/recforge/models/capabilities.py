@@ -15,6 +15,8 @@ what to export:
   on the client.
 - :class:`Pretrainable`: fine-tuned from a pretrained model of its own class, whose tables it
   restores (the ``pretrain_finetune`` protocol).
+- :class:`Searcher`: a search stage keeps K events of a long history per head; its recall of the
+  truly relevant events is measured on simulated data (the ``lifelong_recall`` protocol).
 
 Each capability is an abstract base: a model class that declares one without implementing its
 methods cannot be built. A model that cannot train by the plain ``recforge train`` loop names the
@@ -87,6 +89,15 @@ class Pretrainable(ABC):
         ...
 
 
+class Searcher(ABC):
+    """Scores a long history through a search stage: ``searched(batch)`` gives the events it kept,
+    (index [B, H, K] into the history, valid [B, H, K]), one set per head."""
+
+    @abstractmethod
+    def searched(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        ...
+
+
 class NeedsProtocol:
     """A model that trains only under a study protocol (``recforge study`` with ``protocol: <name>``)."""
 
@@ -96,5 +107,5 @@ class NeedsProtocol:
 def capabilities(model_class: type) -> list[str]:
     """The capability names a model class declares, in a fixed order."""
     names = {"ranker": Ranker, "funnel": Funnel, "retriever": Retriever, "embedding generator": EmbeddingGenerator,
-             "federated split": FederatedSplit, "pretrainable": Pretrainable}  # fmt: skip
+             "federated split": FederatedSplit, "pretrainable": Pretrainable, "searcher": Searcher}  # fmt: skip
     return [name for name, cls in names.items() if issubclass(model_class, cls)]

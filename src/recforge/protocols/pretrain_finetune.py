@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
@@ -33,8 +34,8 @@ from recforge.errors import ModelConfigError
 from recforge.evaluate.evaluators import CandidateRanking, Evaluator
 from recforge.models import Model, build_model
 from recforge.models.base import make_config
-from recforge.models.capabilities import Pretrainable
-from recforge.protocols import Cell, Params, Protocol, register_protocol
+from recforge.models.capabilities import Pretrainable, Searcher
+from recforge.protocols import Cell, Params, Protocol, record, register_protocol
 from recforge.protocols.standard import metric_records
 from recforge.train.trainer import TrainConfig, Trainer, seed_everything
 
@@ -108,3 +109,51 @@ def _stage(
     save_bundle(model, store, out / "model")
     write_atomic(done, json.dumps(metrics, indent=2))
     return model, metrics
+
+
+@register_protocol
+class LifelongRecall(PretrainFinetune):
+    """``pretrain_finetune`` on the lifelong simulator, plus the search stage's recall of the
+    planted relevant events on the test rows (a :class:`~recforge.models.capabilities.Searcher`):
+    ``gsu_recall``, the share of a row's relevant events among those its heads kept (their union),
+    averaged over the rows with at least one; beside it the same for the K latest events
+    (``recent_recall``) and the expected share of K events drawn at random (``random_recall``)."""
+
+    name = "lifelong_recall"
+
+    def run(self, cell: Cell, out: Path) -> list[dict[str, Any]]:
+        config = cell.config
+        if config.data.source != "lifelong-simulator":
+            raise ConfigError(f"{cell.variant}: the lifelong_recall protocol reads the truth of data.source lifelong-simulator, not {config.data.source!r}")
+        records = super().run(cell, out)
+        model = load_bundle(out / "model")
+        if not isinstance(model, Searcher):
+            return records
+        from recforge.data.sources import load_source
+        from recforge.data.sources.lifelong_simulator import relevance_mask
+
+        store = prepare_store(config.data, cell.store_root)
+        frame = load_source(config.data.source, **config.data.options).frame
+        view = store.split("test")
+        history = model.config.history
+        length = store.schema.feature(history).max_len
+        found: dict[str, list[np.ndarray]] = {"gsu_recall": [], "recent_recall": [], "random_recall": []}
+        with torch.inference_mode():
+            for rows in np.array_split(np.arange(len(view)), max(1, len(view) // 512)):
+                batch = view.take(rows)
+                index, valid = model.searched(batch)  # [B, H, K]
+                kept = torch.zeros(len(rows), length, dtype=torch.bool)
+                kept.scatter_(1, index.flatten(1), valid.flatten(1))  # the union of the heads' events: [B, L]
+                relevant = torch.from_numpy(relevance_mask(frame, np.asarray(view.row)[rows], length))
+                real = batch.sequences[history] != 0
+                count = relevant.sum(1)
+                has = count > 0
+                k = valid.shape[-1]
+                recent = torch.zeros_like(kept)
+                recent[:, -k:] = True  # right-aligned: the K latest slots
+                found["gsu_recall"].append(((kept & relevant).sum(1)[has] / count[has]).numpy())
+                found["recent_recall"].append(((recent & relevant).sum(1)[has] / count[has]).numpy())
+                found["random_recall"].append((real.sum(1)[has].clamp(max=k) / real.sum(1)[has].clamp(min=1)).double().numpy())
+        values = {name: np.concatenate(parts) for name, parts in found.items()}
+        records += [record("test", name, float(v.mean())) for name, v in values.items()]
+        return records + [record("test", "relevant_rows", float(len(values["gsu_recall"])))]

@@ -35,6 +35,7 @@ from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
 from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
+from recforge.models.capabilities import Searcher
 from recforge.models.features import FeatureEmbedding
 from recforge.models.lifelong.seminar import MultiHeadSearch
 from recforge.nn.mlp import MLP
@@ -124,6 +125,12 @@ class SearchRanker(SingleTaskModel):
     def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         """The user's interest in the target: ``[B, D], [B, L, D], [B, L] -> [B, D]``."""
 
+    def inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """(e_t [B, D], the history's embeddings [B, L, D], its mask [B, L])."""
+        target = self.embedding.lookup(batch.categorical[:, self.target_index], self.schema.feature(self.config.target).vocab)
+        history = self.embedding.sequence(batch, self.config.history)
+        return target, history, batch.sequences[self.config.history] != 0
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         fields = self.embedding.fields(batch)  # [B, F, D]
         target = fields[:, self.target_index]  # e_t: [B, D]
@@ -135,7 +142,7 @@ class SearchRanker(SingleTaskModel):
         return {self.predicted_label: self.mlp(x).squeeze(-1)}  # [B]
 
 
-class SelectThenAttend(SearchRanker):
+class SelectThenAttend(SearchRanker, Searcher):
     """GSU indices from :meth:`select`, then the ESU over the selected events."""
 
     @abstractmethod
@@ -145,6 +152,11 @@ class SelectThenAttend(SearchRanker):
     def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         index, valid = self.select(batch, target, history, mask)
         return self.esu(target, gather_events(history, index), valid)
+
+    def searched(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        target, history, mask = self.inputs(batch)
+        index, valid = self.select(batch, target, history, mask)
+        return index.unsqueeze(1), valid.unsqueeze(1)  # one head
 
 
 # --- SIM ----------------------------------------------------------------------------------------
@@ -226,7 +238,7 @@ class ETA(SelectThenAttend):
 
 # --- TWIN ---------------------------------------------------------------------------------------
 @register("twin")
-class TWIN(SearchRanker):
+class TWIN(SearchRanker, Searcher):
     """TWIN: the GSU ranks events by the ESU's own multi-head attention scores (consistent search)."""
 
     paper = "Chang et al., TWIN: TWo-stage Interest Network for Lifelong User Behavior Modeling in CTR Prediction at Kuaishou, KDD 2023, arXiv:2302.02352"
@@ -238,6 +250,9 @@ class TWIN(SearchRanker):
     def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         return self.esu(target, history, mask)
 
+    def searched(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        return self.esu.select(*self.inputs(batch))
+
 
 # --- QIN ----------------------------------------------------------------------------------------
 @dataclass
@@ -247,7 +262,7 @@ class QINConfig(SearchConfig):
 
 
 @register("qin")
-class QIN(SearchRanker):
+class QIN(SearchRanker, Searcher):
     """QIN: the relevance search unit keeps the K events most similar to the current query (the
     target item for a row without one), matching both the event's item and its query; the fused
     attention unit attends with the query and the target summed."""
@@ -269,7 +284,8 @@ class QIN(SearchRanker):
         e = (self.embedding.sequence(batch, name) * real).sum(-2) / real.sum(-2).clamp(min=1)  # masked mean
         return e, real.squeeze(-1).any(-1)  # [..., D], has a query
 
-    def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+    def relevant(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The relevance search unit: (the probe [B, D], index [B, K], valid [B, K])."""
         cfg = self.config
         probe = target
         if cfg.query is not None:
@@ -279,5 +295,12 @@ class QIN(SearchRanker):
         if cfg.query_history is not None:
             events = history + self._query(batch, cfg.query_history)[0]  # item + its query: [B, L, D]
         scores = torch.einsum("bd,bld->bl", probe, events)  # relevance to the query: [B, L]
-        index, valid = top_events(scores, mask, cfg.top_k)
+        return probe, *top_events(scores, mask, cfg.top_k)
+
+    def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+        probe, index, valid = self.relevant(batch, target, history, mask)
         return self.esu(probe + target, gather_events(history, index), valid)  # fused query and target
+
+    def searched(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        _, index, valid = self.relevant(batch, *self.inputs(batch))
+        return index.unsqueeze(1), valid.unsqueeze(1)

@@ -57,7 +57,7 @@ from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
 from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
-from recforge.models.capabilities import Pretrainable
+from recforge.models.capabilities import Pretrainable, Searcher
 from recforge.models.features import FeatureEmbedding
 from recforge.nn.mlp import MLP
 
@@ -177,7 +177,7 @@ class Modalities(nn.Module):
 
 
 @register("seminar")
-class SEMINAR(SingleTaskModel, Pretrainable):
+class SEMINAR(SingleTaskModel, Pretrainable, Searcher):
     config_class = SEMINARConfig
     paper = (
         "Shen et al., SEMINAR: Search Enhanced Multi-modal Interest Network and Approximate Retrieval "
@@ -260,6 +260,13 @@ class SEMINAR(SingleTaskModel, Pretrainable):
         lists = self.embedding.pooled_sequences(batch)[:, self.other_sequences]  # [B, S, D]
         x = torch.cat([fields.flatten(1), lists.flatten(1), u, e_t, batch.numeric], 1)
         return self.mlp(x).squeeze(-1)  # [B]
+
+    def searched(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        items = batch.sequences[self.config.history]
+        tokens = batch.sequences[self.config.query_history] if self.config.query_history else None
+        history = self.pairs(items, tokens)[0]
+        e_t = self.pairs(batch.categorical[:, self.target_index].unsqueeze(1), None)[0].squeeze(1)
+        return self.search.select(e_t, history, items != 0)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.config
@@ -345,13 +352,22 @@ class MultiHeadSearch(nn.Module):
         self.query, self.key, self.value = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.output = nn.Linear(dim, dim)
 
-    def forward(self, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
-        b, length, d = history.shape
+    def scores(self, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+        """GSU scores per head, pads -inf: -> [B, H, L]."""
+        b, length, _ = history.shape
         q = self.query(target).view(b, self.heads, 1, self.head_dim)  # [B, H, 1, d_h]
         k = self.key(history).view(b, length, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, d_h]
         scores = (q @ k.transpose(-1, -2)).squeeze(2) / self.head_dim**0.5  # [B, H, L]
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        top, index = scores.topk(min(self.top_k, length), dim=-1)  # GSU: [B, H, K]
+        return scores.masked_fill(~mask[:, None, :], float("-inf"))
+
+    def select(self, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Each head's top-K events: (index [B, H, K], valid [B, H, K])."""
+        top, index = self.scores(target, history, mask).topk(min(self.top_k, history.shape[1]), dim=-1)
+        return index, top > float("-inf")
+
+    def forward(self, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+        b, length, d = history.shape
+        top, index = self.scores(target, history, mask).topk(min(self.top_k, length), dim=-1)  # GSU: [B, H, K]
         v = self.value(history).view(b, length, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, d_h]
         chosen = torch.gather(v, 2, index.unsqueeze(-1).expand(-1, -1, -1, self.head_dim))  # [B, H, K, d_h]
         weights = torch.nan_to_num(top.softmax(-1), nan=0.0)  # ESU; a row without events: 0
