@@ -81,9 +81,9 @@ def test_a_resumed_study_trains_only_the_missing_stage(workdir, monkeypatch):
 
 
 def test_bad_pretrain_overrides_name_the_key(workdir):
-    bad = spec(params={"pretrain": ["model.params.heads=3"]}, variants=spec()["variants"][:1])
+    bad = spec(params={"pretrain": ["model.params.heads=0"]}, variants=spec()["variants"][:1])
     (workdir / "spec.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(ConfigError, match=r"^with PSU: params.pretrain: model.params.heads: must divide embedding_dim=8, got 3$"):
+    with pytest.raises(ConfigError, match=r"^with PSU: params.pretrain: model.params.heads: must be >= 1, got 0$"):
         run_study(workdir / "spec.yaml", workdir / "runs", workdir / "stores", log=lambda _: None)
 
 

@@ -10,38 +10,10 @@ from sklearn.metrics import roc_auc_score
 from recforge.data.batch import Batch
 from recforge.errors import ModelConfigError
 from recforge.models import build_model
-from recforge.models.lifelong.search import TargetESU, gather_events, top_events
 from tests.test_seminar import GENRE, L, planted
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SMALL = {"embedding_dim": 16, "heads": 2, "top_k": 10, "hidden": [32]}
-
-
-def test_top_events_are_the_best_real_events_and_mark_the_missing():
-    scores = torch.tensor([[0.5, 2.0, -1.0, 3.0], [1.0, 9.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
-    index, valid = top_events(scores, mask, 2)
-    assert index[0].tolist() == [1, 0] and valid[0].tolist() == [True, True]  # the pad (3.0) is never chosen
-    assert index[1, 0].item() == 0 and valid[1].tolist() == [True, False]
-    values = torch.arange(2 * 4 * 3).view(2, 4, 3)
-    assert torch.equal(gather_events(values, index), torch.stack([values[b, index[b]] for b in range(2)]))
-
-
-def test_target_esu_equals_a_per_head_softmax():
-    torch.manual_seed(0)
-    esu = TargetESU(8, 2)
-    target, events = torch.randn(3, 8), torch.randn(3, 5, 8)
-    valid = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5])
-    got = esu(target, events, valid)
-    heads = []
-    for h in range(2):
-        part = slice(4 * h, 4 * h + 4)
-        q, k, v = esu.query(target)[:, part], esu.key(events)[..., part], esu.value(events)[..., part]
-        s = torch.einsum("bd,bkd->bk", q, k) / 2.0
-        w = torch.where(valid, s, torch.tensor(float("-inf"))).softmax(-1).nan_to_num(0.0)
-        heads.append(torch.einsum("bk,bkd->bd", w, v))
-    assert torch.allclose(got, esu.output(torch.cat(heads, -1)), atol=1e-6)
-    assert torch.allclose(got[2], esu.output.bias, atol=1e-6)  # no event: zero heads
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +34,14 @@ def test_sim_hard_keeps_the_last_events_of_the_targets_attribute(schema):
         assert sorted(index[b][valid[b]].tolist()) == same[-3:]
 
 
-def test_eta_scores_events_by_agreeing_signature_bits(schema):
-    model = build_model("eta", schema, {**SMALL, "hash_bits": 16})
+def test_eta_keeps_the_events_nearest_in_hamming_distance(schema):
+    model = build_model("eta", schema, {**SMALL, "hash_bits": 64, "top_k": 3})
     target, history = torch.randn(4, 16), torch.randn(4, 6, 16)
-    index, _ = model.select(None, target, history, torch.ones(4, 6, dtype=torch.bool))
-    t_bits, h_bits = (target @ model.planes > 0), (history @ model.planes > 0)
-    agree = torch.tensor([[int((h_bits[b, l] == t_bits[b]).sum()) for l in range(6)] for b in range(4)])
-    assert torch.equal(agree.gather(1, index).min(1).values, agree.sort(1, descending=True).values[:, :SMALL["top_k"]].min(1).values)
+    index, valid = model.select(None, target, history, torch.ones(4, 6, dtype=torch.bool))
+    t_bits, h_bits = (target @ model.hash.planes > 0), (history @ model.hash.planes > 0)
+    distance = torch.tensor([[int((h_bits[b, l] != t_bits[b]).sum()) for l in range(6)] for b in range(4)])
+    assert valid.all()
+    assert torch.equal(distance.gather(1, index).max(1).values, distance.sort(1).values[:, 2])  # the 3 nearest
 
 
 def _fit(model, train: Batch, steps: int = 250) -> None:
@@ -98,12 +71,12 @@ def test_each_learns_a_rule_that_only_the_searched_events_reveal(schema, name, p
     _fit(model, train)
     with torch.inference_mode():
         p = torch.sigmoid(model(test)["click"])
-    auc = roc_auc_score(test.labels["click"], p)
-    assert auc > 0.7
+    # without the history a click is a coin flip (AUC 0.5); sim_hard searches by the very attribute the rule reads
+    assert roc_auc_score(test.labels["click"], p) > (0.95 if name == "sim_hard" else 0.6)
 
 
 def test_mistakes_name_the_key(schema):
     with pytest.raises(ModelConfigError, match="^model.params.attribute: sim_hard searches by a categorical item field, not 'query'$"):
         build_model("sim_hard", schema, {**SMALL, "attribute": "query"}, side={"attribute": GENRE.clone()})
-    with pytest.raises(ModelConfigError, match="^model.params.heads: must divide embedding_dim=16, got 3$"):
-        build_model("twin", schema, {**SMALL, "heads": 3})
+    with pytest.raises(ModelConfigError, match="^model.params.hash_bits: a positive multiple of 64, got 32$"):
+        build_model("eta", schema, {**SMALL, "hash_bits": 32})

@@ -201,7 +201,7 @@ def test_seminar_learns_a_rule_that_only_the_searched_events_reveal(schema, side
 @pytest.mark.parametrize(
     ("params", "error"),
     [
-        ({"heads": 3}, "^model.params.heads: must divide embedding_dim=8, got 3$"),
+        ({"heads": 0}, "^model.params.heads: must be >= 1, got 0$"),
         ({"alpha": 1.5}, r"^model.params.alpha: must be in \[0, 1\], got 1.5$"),
         ({"query_history": "query"}, "^model.params.query_history: seminar needs 'query' a list timeline"),
         ({"text": "genre"}, "^model.params.text: seminar needs 'genre' an embedding keyed by 'item_id'$"),

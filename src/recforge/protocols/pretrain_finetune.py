@@ -32,6 +32,7 @@ from recforge.files import write_atomic
 from recforge.data.store import Store
 from recforge.errors import ModelConfigError
 from recforge.evaluate.evaluators import CandidateRanking, Evaluator
+from recforge.evaluate.metrics import auc
 from recforge.models import Model, build_model
 from recforge.models.base import make_config
 from recforge.models.capabilities import Pretrainable, Searcher
@@ -117,7 +118,8 @@ class LifelongRecall(PretrainFinetune):
     planted relevant events on the test rows (a :class:`~recforge.models.capabilities.Searcher`):
     ``gsu_recall``, the share of a row's relevant events among those its heads kept (their union),
     averaged over the rows with at least one; beside it the same for the K latest events
-    (``recent_recall``) and the expected share of K events drawn at random (``random_recall``)."""
+    (``recent_recall``), the expected share of K events drawn at random (``random_recall``), and
+    the AUC of the true click probability on the test rows (``bayes_auc``, the best reachable)."""
 
     name = "lifelong_recall"
 
@@ -155,5 +157,7 @@ class LifelongRecall(PretrainFinetune):
                 found["recent_recall"].append(((recent & relevant).sum(1)[has] / count[has]).numpy())
                 found["random_recall"].append((real.sum(1)[has].clamp(max=k) / real.sum(1)[has].clamp(min=1)).double().numpy())
         values = {name: np.concatenate(parts) for name, parts in found.items()}
+        test_rows = frame[np.asarray(view.row)]
+        records.append(record("test", "bayes_auc", auc(test_rows["click"].to_numpy(), test_rows["p_click"].to_numpy())))
         records += [record("test", name, float(v.mean())) for name, v in values.items()]
         return records + [record("test", "relevant_rows", float(len(values["gsu_recall"])))]

@@ -15,11 +15,12 @@ long history, an exact search unit (ESU) attends over them. One file per paper's
   row has no query), then attention over the query and target fused.
 
 Shared here: every field embedding, the ESU ``u`` (multi-head softmax target attention over the
-selected events, :class:`TargetESU`; TWIN's own searches with its heads) and an MLP over
+selected events, :meth:`~recforge.nn.longseq.MultiHeadSearch.attend`; TWIN searches with its heads) and an MLP over
 ``[fields; lists; u; e_t]`` with ReLU. Chosen here [reconstructed]: the soft search and SimHash
 read the same item embeddings as the ESU, without gradient (SIM trains a separate GSU embedding
 with an auxiliary loss; ETA hashes the ESU embeddings, as here); SimHash planes are fixed at
-initialisation (seeded by ``hash_seed``) and saved with the weights.
+initialisation (seeded by ``hash_seed``) and saved with the weights; the signatures of the history
+are computed per batch from the current embeddings (a server would store them per item).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from recforge.data.batch import Batch
 from recforge.data.schema import Kind, Schema
@@ -37,7 +38,7 @@ from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, register
 from recforge.models.capabilities import Searcher
 from recforge.models.features import FeatureEmbedding
-from recforge.models.lifelong.seminar import MultiHeadSearch
+from recforge.nn.longseq import MultiHeadSearch, SimHash, gather_events, top_k
 from recforge.nn.mlp import MLP
 
 if TYPE_CHECKING:
@@ -58,44 +59,6 @@ class SearchConfig(SingleTaskConfig):
         super().__post_init__()
         if self.top_k < 1 or self.heads < 1:
             raise ModelConfigError(f"top_k: top_k and heads must be >= 1, got {self.top_k} and {self.heads}")
-        if self.embedding_dim % self.heads:
-            raise ModelConfigError(f"heads: must divide embedding_dim={self.embedding_dim}, got {self.heads}")
-
-
-class TargetESU(nn.Module):
-    """Multi-head softmax attention of the target over the selected events:
-    ``head_h = Σ_k softmax_k((W_Q^h e_t)·(W_K^h e_k) / √d_h) W_V^h e_k``, ``u = W_O [head_1 ‖ …]``;
-    ``[B, D], [B, K, D], [B, K] (True = a selected event) -> [B, D]`` (0 heads for a row without events)."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.query, self.key, self.value = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.output = nn.Linear(dim, dim)
-
-    def forward(self, target: Tensor, events: Tensor, valid: Tensor) -> Tensor:
-        b, k, d = events.shape
-        q = self.query(target).view(b, self.heads, 1, self.head_dim)  # [B, H, 1, d_h]
-        keys = self.key(events).view(b, k, self.heads, self.head_dim).transpose(1, 2)  # [B, H, K, d_h]
-        values = self.value(events).view(b, k, self.heads, self.head_dim).transpose(1, 2)
-        scores = (q @ keys.transpose(-1, -2)).squeeze(2) / self.head_dim**0.5  # [B, H, K]
-        weights = torch.nan_to_num(scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1), nan=0.0)
-        return self.output((weights.unsqueeze(-1) * values).sum(2).flatten(1))  # [B, D]
-
-
-def gather_events(values: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` [B, K] of ``values`` [B, L, ...] -> [B, K, ...]."""
-    shape = index.shape + values.shape[2:]
-    flat = index.reshape(index.shape[0], -1, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
-    return torch.gather(values, 1, flat).reshape(shape)
-
-
-def top_events(scores: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The K best-scoring real events of each row: ``scores``, ``mask`` [B, L] -> (index [B, K],
-    valid [B, K]); a row with fewer than K events marks the rest invalid."""
-    k = min(k, scores.shape[1])
-    top, index = scores.masked_fill(~mask, float("-inf")).topk(k, dim=-1)
-    return index, top > float("-inf")
 
 
 class SearchRanker(SingleTaskModel):
@@ -117,7 +80,7 @@ class SearchRanker(SingleTaskModel):
         self.other_sequences = [i for i, f in enumerate(schema.sequences) if f.name not in self.history_names]
         d = config.embedding_dim
         self.embedding = FeatureEmbedding(schema, d)
-        self.esu = TargetESU(d, config.heads)
+        self.esu = MultiHeadSearch(d, config.heads, config.top_k)  # its attend() is the ESU
         in_dim = (len(schema.categorical) + len(self.other_sequences) + 1) * d + len(schema.numeric)
         self.mlp = MLP(in_dim, config.hidden, config.dropout, "relu", out_dim=1)
 
@@ -151,7 +114,7 @@ class SelectThenAttend(SearchRanker, Searcher):
 
     def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         index, valid = self.select(batch, target, history, mask)
-        return self.esu(target, gather_events(history, index), valid)
+        return self.esu.attend(target, gather_events(history, index), valid)
 
     def searched(self, batch: Batch) -> tuple[Tensor, Tensor]:
         target, history, mask = self.inputs(batch)
@@ -189,7 +152,7 @@ class SIMHard(SelectThenAttend):
         items = batch.sequences[self.config.history]  # [B, L], oldest first
         same = self.attribute[items] == self.attribute[batch.categorical[:, self.target_index]].unsqueeze(1)  # [B, L]
         recency = torch.arange(items.shape[1], device=items.device, dtype=torch.float32).expand_as(items)
-        return top_events(torch.where(same, recency, float("-inf")), mask & same, self.config.top_k)
+        return top_k(recency, mask & same, self.config.top_k)
 
 
 def _check_attribute(schema: Schema, config: SIMHardConfig) -> None:
@@ -205,35 +168,35 @@ class SIMSoft(SelectThenAttend):
 
     def select(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         scores = torch.einsum("bd,bld->bl", target.detach(), history.detach())  # [B, L]
-        return top_events(scores, mask, self.config.top_k)
+        return top_k(scores, mask, self.config.top_k)
 
 
 # --- ETA ----------------------------------------------------------------------------------------
 @dataclass
 class ETAConfig(SearchConfig):
-    hash_bits: int = 64  # m hyperplanes
+    hash_bits: int = 64  # m hyperplanes (a multiple of 64)
     hash_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hash_bits < 64 or self.hash_bits % 64:
+            raise ModelConfigError(f"hash_bits: a positive multiple of 64, got {self.hash_bits}")
 
 
 @register("eta")
 class ETA(SelectThenAttend):
-    """ETA: the top K events by the Hamming similarity of SimHash signatures ``sign(P e)``."""
+    """ETA: the top K events by the Hamming distance of SimHash signatures ``sign(R e)``."""
 
     config_class = ETAConfig
     paper = "Chen et al., Efficient Long Sequential User Data Modeling for Click-Through Rate Prediction, arXiv:2108.04468"
 
     def __init__(self, schema: Schema, config: ETAConfig, side: dict[str, Tensor] | None = None) -> None:
         super().__init__(schema, config, side)
-        if config.hash_bits < 1:
-            raise ModelConfigError(f"hash_bits: must be >= 1, got {config.hash_bits}")
-        generator = torch.Generator().manual_seed(config.hash_seed)
-        self.register_buffer("planes", torch.randn(config.embedding_dim, config.hash_bits, generator=generator))  # P: [D, m]
+        self.hash = SimHash(config.embedding_dim, config.hash_bits, config.hash_seed)
 
     def select(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        t_bits = target.detach() @ self.planes > 0  # [B, m]
-        h_bits = history.detach() @ self.planes > 0  # [B, L, m]
-        agree = (h_bits == t_bits.unsqueeze(1)).sum(-1).float()  # m - Hamming distance: [B, L]
-        return top_events(agree, mask, self.config.top_k)
+        with torch.no_grad():
+            return self.hash.select(self.hash.signatures(target), self.hash.signatures(history), mask, self.config.top_k)
 
 
 # --- TWIN ---------------------------------------------------------------------------------------
@@ -242,10 +205,6 @@ class TWIN(SearchRanker, Searcher):
     """TWIN: the GSU ranks events by the ESU's own multi-head attention scores (consistent search)."""
 
     paper = "Chang et al., TWIN: TWo-stage Interest Network for Lifelong User Behavior Modeling in CTR Prediction at Kuaishou, KDD 2023, arXiv:2302.02352"
-
-    def __init__(self, schema: Schema, config: SearchConfig, side: dict[str, Tensor] | None = None) -> None:
-        super().__init__(schema, config, side)
-        self.esu = MultiHeadSearch(config.embedding_dim, config.heads, config.top_k)
 
     def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         return self.esu(target, history, mask)
@@ -295,11 +254,11 @@ class QIN(SearchRanker, Searcher):
         if cfg.query_history is not None:
             events = history + self._query(batch, cfg.query_history)[0]  # item + its query: [B, L, D]
         scores = torch.einsum("bd,bld->bl", probe, events)  # relevance to the query: [B, L]
-        return probe, *top_events(scores, mask, cfg.top_k)
+        return probe, *top_k(scores, mask, cfg.top_k)
 
     def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         probe, index, valid = self.relevant(batch, target, history, mask)
-        return self.esu(probe + target, gather_events(history, index), valid)  # fused query and target
+        return self.esu.attend(probe + target, gather_events(history, index), valid)  # fused query and target
 
     def searched(self, batch: Batch) -> tuple[Tensor, Tensor]:
         _, index, valid = self.relevant(batch, *self.inputs(batch))

@@ -59,6 +59,7 @@ from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
 from recforge.models.capabilities import Pretrainable, Searcher
 from recforge.models.features import FeatureEmbedding
+from recforge.nn.longseq import MultiHeadSearch
 from recforge.nn.mlp import MLP
 
 if TYPE_CHECKING:
@@ -96,8 +97,6 @@ class SEMINARConfig(SingleTaskConfig):
         for name in ("heads", "top_k", "align_chunk", "relevance_negatives"):
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.embedding_dim % self.heads:
-            raise ModelConfigError(f"heads: must divide embedding_dim={self.embedding_dim}, got {self.heads}")
         for name in ("align_temperature", "relevance_temperature"):
             if getattr(self, name) <= 0:
                 raise ModelConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -335,44 +334,6 @@ def _first_positions(values: Tensor) -> tuple[Tensor, Tensor]:
     positions = torch.arange(len(values), device=values.device)
     first = torch.full((len(distinct),), len(values), device=values.device).scatter_reduce(0, inverse, positions, "amin")
     return distinct, first
-
-
-class MultiHeadSearch(nn.Module):
-    """TWIN-style consistent search: the GSU scores every event per head with the same projections
-    the ESU attends with, keeps each head's top-K, and the ESU attends over them exactly.
-
-    ``s_{h,l} = (W_Q^h e_t)·(W_K^h e_l) / √d_h`` (pads -inf), ``top-K_l s_{h,l}``; head
-    ``h = Σ_k softmax(s_{h,k}) W_V^h e_k``; ``u = W_O [head_1 ‖ … ‖ head_H]``:
-    ``[B, D], [B, L, D], [B, L] -> [B, D]``.
-    """
-
-    def __init__(self, dim: int, heads: int, top_k: int) -> None:
-        super().__init__()
-        self.heads, self.top_k, self.head_dim = heads, top_k, dim // heads
-        self.query, self.key, self.value = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.output = nn.Linear(dim, dim)
-
-    def scores(self, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
-        """GSU scores per head, pads -inf: -> [B, H, L]."""
-        b, length, _ = history.shape
-        q = self.query(target).view(b, self.heads, 1, self.head_dim)  # [B, H, 1, d_h]
-        k = self.key(history).view(b, length, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, d_h]
-        scores = (q @ k.transpose(-1, -2)).squeeze(2) / self.head_dim**0.5  # [B, H, L]
-        return scores.masked_fill(~mask[:, None, :], float("-inf"))
-
-    def select(self, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Each head's top-K events: (index [B, H, K], valid [B, H, K])."""
-        top, index = self.scores(target, history, mask).topk(min(self.top_k, history.shape[1]), dim=-1)
-        return index, top > float("-inf")
-
-    def forward(self, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
-        b, length, d = history.shape
-        top, index = self.scores(target, history, mask).topk(min(self.top_k, length), dim=-1)  # GSU: [B, H, K]
-        v = self.value(history).view(b, length, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, d_h]
-        chosen = torch.gather(v, 2, index.unsqueeze(-1).expand(-1, -1, -1, self.head_dim))  # [B, H, K, d_h]
-        weights = torch.nan_to_num(top.softmax(-1), nan=0.0)  # ESU; a row without events: 0
-        heads = (weights.unsqueeze(-1) * chosen).sum(2)  # [B, H, d_h]
-        return self.output(heads.flatten(1))  # [B, D]
 
 
 def check_features(schema: Schema, config: SEMINARConfig) -> None:
