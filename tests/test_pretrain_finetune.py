@@ -52,12 +52,12 @@ def test_fine_tuning_starts_from_the_pretrained_tables(workdir):
     folders = {p.parent.parent.name: p.parent.parent for p in (workdir / "runs").rglob("finetune/metrics.json")}
     assert len(folders) == 2
     with_psu = next(f for f in folders.values() if (f / "pretrain").exists())
-    psu, tuned = load_bundle(with_psu / "pretrain" / "model"), load_bundle(with_psu / "model")
+    psu, tuned = load_bundle(with_psu / "pretrain" / "model"), load_bundle(with_psu / "finetune" / "model")
     assert psu.config.pretrain and not tuned.config.pretrain
     without = next(f for f in folders.values() if not (f / "pretrain").exists())
     # with one fine-tuning epoch the tuned table is still nearer the pretrained one than a fresh start is
     table = lambda m: m.state_dict()["embedding.table.weight"]  # noqa: E731
-    plain = load_bundle(without / "model")
+    plain = load_bundle(without / "finetune" / "model")
     assert (table(tuned) - table(psu)).norm() < (table(plain) - table(psu)).norm()
 
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from recforge.data.batch import Batch
 from recforge.errors import ModelConfigError
 from recforge.models import build_model
-from tests.test_seminar import GENRE, L, planted
+from tests.test_seminar import GENRE, L, fit, planted, world_schema
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SMALL = {"embedding_dim": 16, "heads": 2, "top_k": 10, "hidden": [32]}
@@ -18,9 +17,7 @@ SMALL = {"embedding_dim": 16, "heads": 2, "top_k": 10, "hidden": [32]}
 
 @pytest.fixture(scope="module")
 def schema():
-    from tests.test_seminar import schema as make
-
-    return make.__wrapped__()
+    return world_schema()
 
 
 def test_sim_hard_keeps_the_last_events_of_the_targets_attribute(schema):
@@ -44,21 +41,6 @@ def test_eta_keeps_the_events_nearest_in_hamming_distance(schema):
     assert torch.equal(distance.gather(1, index).max(1).values, distance.sort(1).values[:, 2])  # the 3 nearest
 
 
-def _fit(model, train: Batch, steps: int = 250) -> None:
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(5)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(train), (128,), generator=g)
-        batch = Batch(categorical=train.categorical[idx], numeric=train.numeric[idx],
-                      sequences={k: v[idx] for k, v in train.sequences.items()}, labels={"click": train.labels["click"][idx]})  # fmt: skip
-        loss, _ = model.loss(model(batch), batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
-
-
 @pytest.mark.parametrize(
     ("name", "params", "side"),
     [("sim_hard", {"attribute": "genre"}, {"attribute": GENRE.clone()}), ("sim_soft", {}, None), ("eta", {}, None),
@@ -68,7 +50,7 @@ def test_each_learns_a_rule_that_only_the_searched_events_reveal(schema, name, p
     train, test = planted(4000, seed=3), planted(1000, seed=4)
     torch.manual_seed(0)
     model = build_model(name, schema, {**SMALL, **params}, side=side)
-    _fit(model, train)
+    fit(model, train, steps=250)
     with torch.inference_mode():
         p = torch.sigmoid(model(test)["click"])
     # without the history a click is a coin flip (AUC 0.5); sim_hard searches by the very attribute the rule reads

@@ -69,8 +69,8 @@ GENRE = K % N_GENRES + 2  # each item's genre id
 FLAG = (K // N_GENRES) % 2  # and a binary flag that its text shows
 
 
-@pytest.fixture(scope="module")
-def schema() -> Schema:
+def world_schema() -> Schema:
+    """Users, items with a genre and a text vector, query tokens and both histories."""
     schema = Schema(
         features=[
             Feature(name="user_id", kind=Kind.CATEGORICAL),
@@ -85,6 +85,11 @@ def schema() -> Schema:
     )  # fmt: skip
     schema.vocab_sizes = {"user_id": 52, "item_id": V, "genre": N_GENRES + 2, "query": N_WORDS + 2}
     return schema
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    return world_schema()
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +121,22 @@ def planted(n: int, seed: int) -> Batch:
         sequences={"query": torch.zeros(n, W, dtype=torch.long), "hist_item_id": hist, "hist_query": tokens},
         labels={"click": click},
     )
+
+
+def fit(model, train: Batch, steps: int) -> None:
+    """Adam 1e-2 on batches of 128 rows drawn from ``train``; ends in eval mode."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (128,), generator=g)
+        batch = Batch(categorical=train.categorical[idx], numeric=train.numeric[idx],
+                      sequences={k: v[idx] for k, v in train.sequences.items()}, labels={"click": train.labels["click"][idx]})  # fmt: skip
+        loss, _ = model.loss(model(batch), batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
 
 
 def test_fusion_is_the_global_gate_over_the_modalities_and_the_pair_mixes_in_the_query(schema, side):
@@ -178,18 +199,7 @@ def test_seminar_learns_a_rule_that_only_the_searched_events_reveal(schema, side
     train, test = planted(4000, seed=3), planted(1000, seed=4)
     torch.manual_seed(0)
     model = build_model("seminar", schema, {**SMALL, "embedding_dim": 16, "top_k": 10}, side=side)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(5)
-    model.train()
-    for _ in range(300):
-        idx = torch.randint(0, 4000, (128,), generator=g)
-        batch = Batch(categorical=train.categorical[idx], numeric=train.numeric[idx],
-                      sequences={k: v[idx] for k, v in train.sequences.items()}, labels={"click": train.labels["click"][idx]})  # fmt: skip
-        loss, _ = model.loss(model(batch), batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
+    fit(model, train, steps=300)
     with torch.inference_mode():
         p = torch.sigmoid(model(test)["click"])
     auc = roc_auc_score(test.labels["click"], p)

@@ -3,7 +3,7 @@
 Stage 1 trains the cell's experiment with the study's ``pretrain`` overrides applied (e.g.
 ``model.params.pretrain=true``, ``train.epochs=1``) into ``out/pretrain``; stage 2 builds the cell's
 own model, calls its :meth:`~recforge.models.capabilities.Pretrainable.restore_pretrained` with the
-stage-1 model, and trains it into ``out/finetune``; its bundle is ``out/model``. Both stages are
+stage-1 model, and trains it into ``out/finetune``; each stage's bundle is its folder's ``model``. Both stages are
 evaluated pointwise (AUC, GAUC, LogLoss), or with ``evaluation: candidates`` by
 :class:`~recforge.evaluate.evaluators.CandidateRanking` (each held-out item against ``negatives``
 sampled items; HIT@K, NDCG@K, MRR). A variant with
@@ -26,6 +26,8 @@ import torch
 from pydantic import Field, ValidationError
 
 from recforge.bundle import load_bundle, save_bundle
+from recforge.data.sources import load_source
+from recforge.data.sources.lifelong_simulator import relevance_mask
 from recforge.config import ConfigError, ExperimentConfig, apply_overrides, problems
 from recforge.experiment import prepare_store
 from recforge.files import write_atomic
@@ -62,9 +64,14 @@ class PretrainFinetune(Protocol):
     VariantParams = PretrainVariant
 
     def run(self, cell: Cell, out: Path) -> list[dict[str, Any]]:
+        return self.train(cell, out)[0]
+
+    def train(self, cell: Cell, out: Path) -> tuple[list[dict[str, Any]], Model, Store]:
+        """Both stages of ``cell`` -> (records, the fine-tuned model, the store)."""
         config = cell.config
         variant = PretrainVariant.model_validate(cell.extra)
         store = prepare_store(config.data, cell.store_root)
+        evaluator = self.evaluator(store)
         records: list[dict[str, Any]] = []
         source = None
         if variant.pretrained:
@@ -76,12 +83,10 @@ class PretrainFinetune(Protocol):
                 raise ConfigError(f"{cell.variant}: params.pretrain: {problems(err)}") from None
             except ModelConfigError as err:
                 raise ConfigError(f"{cell.variant}: params.pretrain: {err}") from None
-            source, metrics = _stage(pretrain_config, store, out / "pretrain", self.evaluator(store))
+            source, metrics = _stage(pretrain_config, store, out / "pretrain", evaluator)
             records += [{**r, "group": {**r["group"], "stage": "pretrain"}} for r in metric_records(metrics)]
-        model, metrics = _stage(config, store, out / "finetune", self.evaluator(store), source)
-        save_bundle(model, store, out / "model")
-        return records + metric_records(metrics)
-
+        model, metrics = _stage(config, store, out / "finetune", evaluator, source)
+        return records + metric_records(metrics), model, store
 
     def evaluator(self, store: Store) -> Evaluator | None:
         p = self.params
@@ -127,14 +132,10 @@ class LifelongRecall(PretrainFinetune):
         config = cell.config
         if config.data.source != "lifelong-simulator":
             raise ConfigError(f"{cell.variant}: the lifelong_recall protocol reads the truth of data.source lifelong-simulator, not {config.data.source!r}")
-        records = super().run(cell, out)
-        model = load_bundle(out / "model")
+        records, model, store = self.train(cell, out)
         if not isinstance(model, Searcher):
             return records
-        from recforge.data.sources import load_source
-        from recforge.data.sources.lifelong_simulator import relevance_mask
-
-        store = prepare_store(config.data, cell.store_root)
+        model.eval()
         frame = load_source(config.data.source, **config.data.options).frame
         view = store.split("test")
         history = model.config.history

@@ -88,17 +88,19 @@ class SearchRanker(SingleTaskModel):
     def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         """The user's interest in the target: ``[B, D], [B, L, D], [B, L] -> [B, D]``."""
 
+    def history(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(the history's embeddings [B, L, D], its mask [B, L])."""
+        return self.embedding.sequence(batch, self.config.history), batch.sequences[self.config.history] != 0
+
     def inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """(e_t [B, D], the history's embeddings [B, L, D], its mask [B, L])."""
         target = self.embedding.lookup(batch.categorical[:, self.target_index], self.schema.feature(self.config.target).vocab)
-        history = self.embedding.sequence(batch, self.config.history)
-        return target, history, batch.sequences[self.config.history] != 0
+        return target, *self.history(batch)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         fields = self.embedding.fields(batch)  # [B, F, D]
         target = fields[:, self.target_index]  # e_t: [B, D]
-        history = self.embedding.sequence(batch, self.config.history)  # [B, L, D]
-        mask = batch.sequences[self.config.history] != 0  # [B, L]
+        history, mask = self.history(batch)  # [B, L, D], [B, L]
         u = self.interest(batch, target, history, mask)  # [B, D]
         lists = self.embedding.pooled_sequences(batch)[:, self.other_sequences]  # [B, S, D]
         x = torch.cat([fields.flatten(1), lists.flatten(1), u, batch.numeric], 1)
