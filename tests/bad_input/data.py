@@ -140,7 +140,7 @@ CASES = [
          "keys: name, kind, vocab, max_len, timeline, where, key, dim, min_count, dtype, text, text_from, vectors"),
     Case("data", "a misspelt option of a public data set", data_section("movielens-1m", "{histroy_len: 20}"), PREPARE,
          "data.options: unknown option 'histroy_len' for source 'movielens-1m' (did you mean 'history_len'?); "
-         "options: label_threshold, history_len, root, text, extras_root"),
+         "options: label_threshold, history_len, root, text, extras_root, query_words"),
     Case("data", "an unknown data source", data_section("movielens1m", "{}"), PREPARE,
          f"data.source: unknown data source 'movielens1m' (did you mean 'movielens-1m'?); known: {', '.join(SOURCES)}"),
     Case("data", "an item text column missing from the file", lambda f: user_files(f, schema=TEXT), PREPARE,

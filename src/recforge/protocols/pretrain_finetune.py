@@ -124,7 +124,7 @@ class LifelongRecall(PretrainFinetune):
     ``gsu_recall``, the share of a row's relevant events among those its heads kept (their union),
     averaged over the rows with at least one; beside it the same for the K latest events
     (``recent_recall``), the expected share of K events drawn at random (``random_recall``), and
-    the AUC of the true click probability on the test rows (``bayes_auc``, the best reachable)."""
+    the AUC of the true click probability on the test rows (record ``bayes_auc``, the best reachable)."""
 
     name = "lifelong_recall"
 
