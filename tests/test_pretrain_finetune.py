@@ -115,6 +115,7 @@ def test_lifelong_recall_measures_the_searched_share_of_the_planted_events(workd
     assert test["keeps all"]["gsu_recall"] == pytest.approx(1.0) and test["keeps all"]["random_recall"] == pytest.approx(1.0)
     few = test["keeps 4"]
     assert few["relevant_rows"] > 0 and 0 < few["gsu_recall"] < 1 and 0 < few["random_recall"] < 0.5 and 0 <= few["recent_recall"] < 1
+    assert 0.5 < few["bayes_auc"] == test["keeps all"]["bayes_auc"] < 1  # the same test rows' truth
 
 
 def test_lifelong_recall_needs_the_simulator(workdir):

@@ -208,6 +208,65 @@ def test_seminar_learns_a_rule_that_only_the_searched_events_reveal(schema, side
     assert F.binary_cross_entropy(p, test.labels["click"]) < F.binary_cross_entropy(rate.expand(len(p)), test.labels["click"])
 
 
+def perturbed(model):
+    """The model with every weight moved off its start (projections no longer identity)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_the_channel_keys_sum_to_each_event_key(schema, side):
+    torch.manual_seed(0)
+    model = perturbed(build_model("seminar", schema, SMALL, side=side))
+    batch = planted(16, seed=6)
+    items, tokens = batch.sequences["hist_item_id"], batch.sequences["hist_query"]
+    pair = model.pairs(items, tokens)[0]  # [B, L, D]
+    item_keys, token_keys = model.channel_keys()  # [V, M, D], [V_q, D]
+    real = (tokens != 0).unsqueeze(-1)
+    from_channels = item_keys[items].sum(2) + (token_keys[tokens] * real).sum(2) / real.sum(2).clamp(min=1)
+    torch.testing.assert_close(from_channels, pair, rtol=1e-5, atol=1e-6)
+
+
+def test_pq_search_with_lossless_codes_and_a_full_short_list_is_the_exact_search(schema, side):
+    torch.manual_seed(0)
+    exact = perturbed(build_model("seminar", schema, SMALL, side=side))
+    pq = build_model("seminar", schema, {**SMALL, "gsu": "pq", "pq_codewords": 256, "pq_shortlist": L}, side=side)
+    pq.load_state_dict(exact.state_dict())
+    pq.eval()
+    batch = planted(64, seed=7)
+    with torch.no_grad():
+        index, valid = exact.searched(batch)
+        got, got_valid = pq.searched(batch)
+        probe = exact.search.probe(exact.pairs(batch.categorical[:, 1:2], None)[0].squeeze(1))
+        history = exact.pairs(batch.sequences["hist_item_id"], batch.sequences["hist_query"])[0]
+        exact_scores = torch.einsum("bhd,bld->bhl", probe, history)
+        torch.testing.assert_close(pq.approximate_scores(probe, batch), exact_scores, rtol=1e-4, atol=1e-5)
+    # the same events up to ties (a history repeats items): the same scores kept
+    assert torch.equal(got_valid, valid)
+    kept = exact_scores.gather(-1, got).masked_fill(~valid, 0).sort(-1).values
+    torch.testing.assert_close(kept, exact_scores.gather(-1, index).masked_fill(~valid, 0).sort(-1).values)
+    assert torch.allclose(pq(batch)["click"], exact(batch)["click"])
+
+
+def test_pq_search_with_4bit_codes_keeps_the_exact_top_k_and_follows_the_weights(schema, side):
+    torch.manual_seed(0)
+    model = perturbed(build_model("seminar", schema, {**SMALL, "gsu": "pq", "pq_shortlist": 10}, side=side))
+    batch = planted(256, seed=8)
+    with torch.no_grad():
+        got, got_valid = model.searched(batch)
+        model.config.gsu = "exact"
+        index, valid = model.searched(batch)
+        model.config.gsu = "pq"
+    kept = [len(set(a[m].tolist()) & set(b[n].tolist())) for a, m, b, n in zip(got.flatten(0, 1), got_valid.flatten(0, 1), index.flatten(0, 1), valid.flatten(0, 1))]
+    assert sum(kept) / valid.sum().item() > 0.95  # 0.99 (0.88 from the codes alone, no re-rank)
+    codes = model.index()["item_codes"]
+    assert codes.dtype == torch.uint8 and codes.shape == (V, 3 * 4) and int(codes.max()) < 16
+    assert model.index() is model.index()  # built once for the same weights
+    fit(model, planted(512, seed=9), steps=3)  # training changes the weights and drops the codes
+    assert not torch.equal(model.index()["item_codes"], codes)
+
+
 @pytest.mark.parametrize(
     ("params", "error"),
     [
@@ -215,6 +274,9 @@ def test_seminar_learns_a_rule_that_only_the_searched_events_reveal(schema, side
         ({"alpha": 1.5}, r"^model.params.alpha: must be in \[0, 1\], got 1.5$"),
         ({"query_history": "query"}, "^model.params.query_history: seminar needs 'query' a list timeline"),
         ({"text": "genre"}, "^model.params.text: seminar needs 'genre' an embedding keyed by 'item_id'$"),
+        ({"gsu": "fast"}, "^model.params.gsu: 'exact' or 'pq', got 'fast'$"),
+        ({"pq_subspaces": 3}, "^model.params.pq_subspaces: 3 must divide embedding_dim=8$"),
+        ({"pq_shortlist": 4}, r"^model.params.pq_shortlist: the short list \(4\) must hold at least top_k=5 events$"),
     ],
 )
 def test_mistakes_name_the_key(schema, side, params, error):

@@ -102,11 +102,14 @@ class MultiHeadSearch(nn.Module):
     def _per_head(self, layer: nn.Linear) -> Tensor:
         return layer.weight.view(self.heads, self.head_dim, -1)  # [H, d_h, D]
 
+    def probe(self, target: Tensor) -> Tensor:
+        """``(W_K^h)^T W_Q^h e_t``, the vector each head scores history items by: ``[B, D] -> [B, H, D]``."""
+        q = self.query(target).view(-1, self.heads, self.head_dim)  # [B, H, d_h]
+        return torch.einsum("bhe,hed->bhd", q, self._per_head(self.key))
+
     def scores(self, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         """GSU scores ``[B, D], [B, L, D], [B, L] -> [B, H, L]``, pads ``-inf``."""
-        q = self.query(target).view(-1, self.heads, self.head_dim)  # [B, H, d_h]
-        probe = torch.einsum("bhe,hed->bhd", q, self._per_head(self.key))  # (W_K^h)^T W_Q^h e_t: [B, H, D]
-        return torch.bmm(probe, history.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), -math.inf)
+        return torch.bmm(self.probe(target), history.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), -math.inf)
 
     def select(self, target: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """GSU top-K per head: ``(indices, valid)`` ``[B, H, K]``."""
@@ -273,10 +276,13 @@ class MultiModalProductQuantizedKeys(nn.Module):
 
 
 def adc_scores(lut: Tensor, codes: Tensor) -> Tensor:
-    """``Σ_s LUT[b, s, codes[b, l, s]]``: ``[B, S, C], [B, L, S] -> [B, L]``."""
-    scores = lut.new_zeros(codes.shape[:2])
-    for s in range(codes.shape[-1]):  # one [B, L] gather per sub-space
-        scores += lut[:, s].gather(1, codes[..., s].long())
+    """``Σ_s LUT[b, ..., s, codes[b, l, s]]``: ``[B, *H, S, C], [B, L, S] -> [B, *H, L]``, the codes
+    of a row shared by its tables ``*H`` (heads)."""
+    out = (*lut.shape[:-2], codes.shape[1])
+    per_row = (codes.shape[0], *[1] * (lut.dim() - 3), codes.shape[1])
+    scores = lut.new_zeros(out)
+    for s in range(codes.shape[-1]):  # one gather per sub-space
+        scores += lut[..., s, :].gather(-1, codes[..., s].long().view(per_row).expand(out))
     return scores
 
 

@@ -122,9 +122,10 @@ class LifelongRecall(PretrainFinetune):
     """``pretrain_finetune`` on the lifelong simulator, plus the search stage's recall of the
     planted relevant events on the test rows (a :class:`~recforge.models.capabilities.Searcher`):
     ``gsu_recall``, the share of a row's relevant events among those its heads kept (their union),
-    averaged over the rows with at least one; beside it the same for the K latest events
-    (``recent_recall``), the expected share of K events drawn at random (``random_recall``), and
-    the AUC of the true click probability on the test rows (record ``bayes_auc``, the best reachable)."""
+    averaged over the rows with at least one; beside it the same for as many of the latest events as
+    the heads kept (``recent_recall``) and the expected share for as many drawn at random
+    (``random_recall``). Every model also gets the AUC of the true click probability on the test
+    rows (record ``bayes_auc``, the best reachable)."""
 
     name = "lifelong_recall"
 
@@ -133,11 +134,13 @@ class LifelongRecall(PretrainFinetune):
         if config.data.source != "lifelong-simulator":
             raise ConfigError(f"{cell.variant}: the lifelong_recall protocol reads the truth of data.source lifelong-simulator, not {config.data.source!r}")
         records, model, store = self.train(cell, out)
+        frame = load_source(config.data.source, **config.data.options).frame
+        view = store.split("test")
+        test_rows = frame[np.asarray(view.row)]
+        records.append(record("test", "bayes_auc", auc(test_rows["click"].to_numpy(), test_rows["p_click"].to_numpy())))
         if not isinstance(model, Searcher):
             return records
         model.eval()
-        frame = load_source(config.data.source, **config.data.options).frame
-        view = store.split("test")
         history = model.config.history
         length = store.schema.feature(history).max_len
         found: dict[str, list[np.ndarray]] = {"gsu_recall": [], "recent_recall": [], "random_recall": []}
@@ -145,20 +148,17 @@ class LifelongRecall(PretrainFinetune):
             for rows in np.array_split(np.arange(len(view)), max(1, len(view) // 512)):
                 batch = view.take(rows)
                 index, valid = model.searched(batch)  # [B, H, K]
-                kept = torch.zeros(len(rows), length, dtype=torch.bool)
-                kept.scatter_(1, index.flatten(1), valid.flatten(1))  # the union of the heads' events: [B, L]
+                kept = torch.zeros(len(rows), length + 1, dtype=torch.bool)  # slot L takes the empty picks
+                kept.scatter_(1, index.masked_fill(~valid, length).flatten(1), True)
+                kept = kept[:, :length]  # the union of the heads' events: [B, L]
                 relevant = torch.from_numpy(relevance_mask(frame, np.asarray(view.row)[rows], length))
                 real = batch.sequences[history] != 0
-                count = relevant.sum(1)
+                count, n_kept = relevant.sum(1), kept.sum(1)
                 has = count > 0
-                k = valid.shape[-1]
-                recent = torch.zeros_like(kept)
-                recent[:, -k:] = True  # right-aligned: the K latest slots
+                recent = torch.arange(length) >= length - n_kept[:, None]  # right-aligned: the n_kept latest slots
                 found["gsu_recall"].append(((kept & relevant).sum(1)[has] / count[has]).numpy())
                 found["recent_recall"].append(((recent & relevant).sum(1)[has] / count[has]).numpy())
-                found["random_recall"].append((real.sum(1)[has].clamp(max=k) / real.sum(1)[has].clamp(min=1)).double().numpy())
+                found["random_recall"].append((n_kept[has] / real.sum(1)[has].clamp(min=1)).double().numpy())
         values = {name: np.concatenate(parts) for name, parts in found.items()}
-        test_rows = frame[np.asarray(view.row)]
-        records.append(record("test", "bayes_auc", auc(test_rows["click"].to_numpy(), test_rows["p_click"].to_numpy())))
         records += [record("test", name, float(v.mean())) for name, v in values.items()]
         return records + [record("test", "relevant_rows", float(len(values["gsu_recall"])))]

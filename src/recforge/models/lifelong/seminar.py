@@ -12,7 +12,10 @@ Follows the paper:
   next (query, item) pair, multi-modal alignment, query-item relevance (:meth:`SEMINAR.loss`);
 - fine-tuning (``pretrain: false``) restores the PSU tables (:meth:`SEMINAR.restore_pretrained`)
   and adds one projection ``G_m`` per modality; a TWIN-style multi-head GSU picks the top-K events
-  per head, an exact ESU attends over them, and an MLP scores ``[u; e_t; fields]``.
+  per head, an exact ESU attends over them, and an MLP scores ``[u; e_t; fields]``;
+- approximate retrieval (§3.5, ``gsu: pq``): each modality's keys quantised by its own k-means PQ
+  codebooks, uint8 codes per item, the GSU scored from lookup tables (:meth:`SEMINAR.approximate_scores`),
+  a short list re-ranked exactly.
 
 Follows the official code: one global modality gate ``g = softmax(W_g w_c)`` (not per item);
 the masked mean of the query tokens; α = 0.5; the targets' queries empty ("recommendation mode");
@@ -37,7 +40,14 @@ Chosen here [reconstructed]:
 - the MLP also reads every other field embedding (user, context, the target's list fields), as
   the other rankers of the library do, so that the comparison with DIN is about the history;
 - the attribute channel is the mean of the item's attribute embeddings (genres, year, director:
-  categorical or list item fields).
+  categorical or list item fields);
+- §3.5 quantises both the probe and the keys (the pair tables of
+  :class:`~recforge.nn.longseq.MultiModalProductQuantizedKeys`); here the probe stays exact (ADC), more
+  accurate at the same 4-bit codes. The query channel is coded per token (the mean over an event's
+  tokens is exact in the table scores). Training always searches exactly; the codes are rebuilt from
+  the weights at the first evaluation after they change. In the model the history's exact pair
+  vectors are still computed (the ESU and the re-rank read them), so ``gsu: pq`` here measures the
+  approximate search's quality; its speed is ``benchmarks/pq_attention.py``'s.
 
 Side data (:meth:`SEMINAR.side_data`), rows indexed by the target's vocabulary (V items):
 ``text`` [V, 384] (the frozen sentence-encoder vector of each item) and ``attributes.<name>``
@@ -46,6 +56,7 @@ Side data (:meth:`SEMINAR.side_data`), rows indexed by the target's vocabulary (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,7 +70,7 @@ from recforge.errors import ModelConfigError
 from recforge.models.base import SingleTaskConfig, SingleTaskModel, detached, register
 from recforge.models.capabilities import Pretrainable, Searcher
 from recforge.models.features import FeatureEmbedding
-from recforge.nn.longseq import MultiHeadSearch
+from recforge.nn.longseq import MultiHeadSearch, ProductQuantizedKeys, adc_scores, gather_events, top_k
 from recforge.nn.mlp import MLP
 
 if TYPE_CHECKING:
@@ -89,11 +100,23 @@ class SEMINARConfig(SingleTaskConfig):
     relevance_negatives: int = 5
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
+    gsu: str = "exact"  # at evaluation: "exact" scores or "pq" (§3.5: codes, short list, exact re-rank)
+    pq_subspaces: int = 4  # S per modality (D / S dimensions each)
+    pq_codewords: int = 16  # C per sub-space (4-bit codes)
+    pq_shortlist: int = 200  # N events per head re-ranked exactly
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ModelConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if self.gsu not in ("exact", "pq"):
+            raise ModelConfigError(f"gsu: 'exact' or 'pq', got {self.gsu!r}")
+        if self.embedding_dim % self.pq_subspaces:
+            raise ModelConfigError(f"pq_subspaces: {self.pq_subspaces} must divide embedding_dim={self.embedding_dim}")
+        if not 1 <= self.pq_codewords <= 256:
+            raise ModelConfigError(f"pq_codewords: uint8 codes hold 1..256 codewords, got {self.pq_codewords}")
+        if self.pq_shortlist < self.top_k:
+            raise ModelConfigError(f"pq_shortlist: the short list ({self.pq_shortlist}) must hold at least top_k={self.top_k} events")
         for name in ("heads", "top_k", "align_chunk", "relevance_negatives"):
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -218,6 +241,12 @@ class SEMINAR(SingleTaskModel, Pretrainable, Searcher):
         self.search = MultiHeadSearch(d, config.heads, config.top_k)  # GSU top-K per head, exact ESU over them
         in_dim = (len(schema.categorical) + len(self.other_sequences) + 2) * d + len(schema.numeric)
         self.mlp = MLP(in_dim, config.hidden, config.dropout, "relu", out_dim=1)
+        self._index: dict[str, Tensor] | None = None  # the PQ codes of the current weights (gsu: pq)
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_index", None))
+
+    def train(self, mode: bool = True) -> "SEMINAR":
+        self._index = None  # the weights may change: the codes are rebuilt at the next evaluation
+        return super().train(mode)
 
     def restore_pretrained(self, source: "SEMINAR") -> None:
         """Start from a pretrained PSU's tables (the embeddings, the text projection and the gate);
@@ -254,7 +283,8 @@ class SEMINAR(SingleTaskModel, Pretrainable, Searcher):
         """Logits of ``targets`` [B] (empty queries) against the history pairs [B, L, D]."""
         e_t, _, _, _ = self.pairs(targets.unsqueeze(1), None)  # e_pair of the target: [B, 1, D]
         e_t = e_t.squeeze(1)  # [B, D]
-        u = self.search(e_t, history, mask)  # GSU top-K per head -> ESU -> W_O: [B, D]
+        indices, valid = self.gsu(batch, e_t, history, mask)  # GSU top-K per head: [B, H, K]
+        u = self.search.attend(e_t, gather_events(history, indices), valid)  # ESU -> W_O: [B, D]
         fields = self.embedding.fields(batch)  # [B, F, D]
         lists = self.embedding.pooled_sequences(batch)[:, self.other_sequences]  # [B, S, D]
         x = torch.cat([fields.flatten(1), lists.flatten(1), u, e_t, batch.numeric], 1)
@@ -265,7 +295,81 @@ class SEMINAR(SingleTaskModel, Pretrainable, Searcher):
         tokens = batch.sequences[self.config.query_history] if self.config.query_history else None
         history = self.pairs(items, tokens)[0]
         e_t = self.pairs(batch.categorical[:, self.target_index].unsqueeze(1), None)[0].squeeze(1)
-        return self.search.select(e_t, history, items != 0)
+        return self.gsu(batch, e_t, history, items != 0)
+
+    # --- the GSU: exact, or approximate (§3.5) ----------------------------------------------
+    def gsu(self, batch: Batch, e_t: Tensor, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-K events per head ``(indices, valid)`` [B, H, K]: exact scores while training and with
+        ``gsu: exact``; with ``gsu: pq`` at evaluation, the ``pq_shortlist`` best by the codes'
+        scores (:meth:`approximate_scores`), re-ranked exactly."""
+        if self.training or self.config.gsu == "exact":
+            return self.search.select(e_t, history, mask)
+        with torch.no_grad():
+            probe = self.search.probe(e_t)  # [B, H, D]
+            approximate = self.approximate_scores(probe, batch).masked_fill(~mask.unsqueeze(1), -math.inf)
+            short, short_valid = top_k(approximate, mask.unsqueeze(1), self.config.pq_shortlist)  # [B, H, N]
+            exact = torch.einsum("bhd,bhnd->bhn", probe, gather_events(history, short))  # [B, H, N]
+            picked, valid = top_k(exact, short_valid, self.config.top_k)  # [B, H, K] into the short list
+            return short.gather(-1, picked), valid
+
+    def channel_keys(self) -> tuple[Tensor, Tensor | None]:
+        """The GSU keys channel by channel: every item's ``(1 - α) g_m G_m e_m`` [V, M, D] and every
+        query token's ``α G_q e_tok`` [V_q, D] (None without queries). An event's ``e_pair`` is the
+        sum of its item's channels plus the mean over its query tokens, so a probe's score of an
+        event is the sum of its scores of these keys."""
+        cfg = self.config
+        vocab = self.schema.vocab_size(self.modalities.item_vocab)
+        channels = self.modalities.items(torch.arange(vocab, device=self.gate_query.device), self.embedding)  # [V, M, D]
+        if self.projections is not None:
+            channels = torch.stack([p(channels[:, k]) for k, p in enumerate(self.projections[:-1])], 1)
+        g = self.gate(self.gate_query).softmax(-1).squeeze(0)  # [M]
+        items = (1 - cfg.alpha) * channels * g[:, None]
+        if not cfg.query_history:
+            return items, None
+        vocab = self.schema.vocab_size(self.modalities.query_vocab)
+        tokens = self.embedding.lookup(torch.arange(vocab, device=items.device), self.modalities.query_vocab)  # [V_q, D]
+        if self.projections is not None:
+            tokens = self.projections[-1](tokens)  # G_q
+        return items, cfg.alpha * tokens
+
+    def index(self) -> dict[str, Tensor]:
+        """Per-modality PQ of the current weights' keys (k-means codebooks per sub-space, uint8
+        codes per item and per query token), built on first use after the weights change."""
+        if self._index is None:
+            cfg = self.config
+            with torch.no_grad():
+                items, tokens = self.channel_keys()
+                quantizers = [
+                    ProductQuantizedKeys(cfg.embedding_dim, cfg.pq_subspaces, min(cfg.pq_codewords, len(items))).fit(items[:, m])
+                    for m in range(items.shape[1])
+                ]
+                index = {
+                    "item_books": torch.stack([q.codebooks for q in quantizers]),  # [M, S, C, D / S]
+                    "item_codes": torch.cat([q.encode(items[:, m]) for m, q in enumerate(quantizers)], 1),  # [V, M·S]
+                }
+                if tokens is not None:
+                    q = ProductQuantizedKeys(cfg.embedding_dim, cfg.pq_subspaces, min(cfg.pq_codewords, len(tokens))).fit(tokens)
+                    index |= {"token_books": q.codebooks, "token_codes": q.encode(tokens)}  # [S, C, D / S], [V_q, S]
+            self._index = index
+        return self._index
+
+    def approximate_scores(self, probe: Tensor, batch: Batch) -> Tensor:
+        """ADC scores of the history's events from the codes: ``Σ_{m,s} LUT_m[s, code_{m,s}(item)]``
+        plus the mean over the event's query tokens of ``Σ_s LUT_q[s, code_s(token)]``, the tables
+        ``LUT[s, c] = <probe_s, C_s[c]>``: probe [B, H, D] -> [B, H, L]."""
+        cfg, index = self.config, self.index()
+        b, h, _ = probe.shape
+        parts = probe.view(b, h, cfg.pq_subspaces, -1)  # [B, H, S, D / S]
+        items = batch.sequences[cfg.history]  # [B, L]
+        lut = torch.einsum("bhsd,mscd->bhmsc", parts, index["item_books"]).flatten(2, 3)  # [B, H, M·S, C]
+        scores = adc_scores(lut, index["item_codes"][items])  # [B, H, L]
+        if "token_codes" in index:
+            tokens = batch.sequences[cfg.query_history]  # [B, L, W]
+            lut = torch.einsum("bhsd,scd->bhsc", parts, index["token_books"])  # [B, H, S, C]
+            per_token = adc_scores(lut, index["token_codes"][tokens.flatten(1)]).view(b, h, *tokens.shape[1:])  # [B, H, L, W]
+            real = (tokens != 0).unsqueeze(1)
+            scores = scores + (per_token * real).sum(-1) / real.sum(-1).clamp(min=1)
+        return scores
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.config
