@@ -16,7 +16,7 @@ pytest.importorskip("sklearn")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("name", ["speed_metrics", "speed_din", "scale_vocab", "scale_rows", "speed_ddp", "bulk_score", "retrieval", "speed_text", "pq_attention"])
+@pytest.mark.parametrize("name", ["speed_metrics", "speed_din", "scale_vocab", "scale_rows", "speed_ddp", "bulk_score", "retrieval", "speed_text", "pq_attention", "lifelong_train"])
 def test_benchmark_quick(name: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RECFORGE_DATA"}
     done = subprocess.run(

@@ -44,7 +44,7 @@ def test_eta_keeps_the_events_nearest_in_hamming_distance(schema):
 @pytest.mark.parametrize(
     ("name", "params", "side"),
     [("sim_hard", {"attribute": "genre"}, {"attribute": GENRE.clone()}), ("sim_soft", {}, None), ("eta", {}, None),
-     ("twin", {}, None), ("qin", {"query_history": "hist_query"}, None)],
+     ("twin", {}, None), ("qin", {"query": "query", "query_history": "hist_query"}, None)],
 )  # fmt: skip
 def test_each_learns_a_rule_that_only_the_searched_events_reveal(schema, name, params, side):
     train, test = planted(4000, seed=3), planted(1000, seed=4)

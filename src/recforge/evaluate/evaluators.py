@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from recforge.data.cross_domain import DomainInteractions
-from recforge.data.batch import Batch
-from recforge.data.schema import OOV, PAD, Kind
+from recforge.data.candidates import ItemSwap, unseen_items
+from recforge.data.schema import OOV, PAD
 from recforge.data.store import SplitView, Store
 from recforge.evaluate.metrics import classification_report, full_ranking_metrics, sampled_ranking_metrics
 from recforge.models.base import Model
@@ -197,7 +197,7 @@ def sample_candidates(
             draws = min(negatives, len(pool) - int(counts[users[rows], d].max()) - 1)
             if draws < 1:
                 raise DataError(f"domain {data.domain_names[d]!r} has too few items to sample negatives")
-            chosen = [_negatives(generator, pool, users[chunk], targets[chunk], seen_keys, data.num_items, draws)
+            chosen = [unseen_items(generator, pool, users[chunk], targets[chunk], seen_keys, data.num_items, draws)
                       for chunk in np.array_split(rows, max(1, len(rows) // 2048))]  # fmt: skip
             all_rows.append(rows)
             all_items.append(np.concatenate([targets[rows][:, None], np.concatenate(chosen)], 1))
@@ -212,36 +212,6 @@ def sample_candidates(
         items=np.concatenate([a[:, :width] for a in all_items]),
         skipped=int((~rankable).sum()),
     )
-
-
-def _negatives(
-    generator: np.random.Generator, pool: np.ndarray, users: np.ndarray, targets: np.ndarray, seen_keys: np.ndarray,
-    num_items: int, draws: int,
-) -> np.ndarray:  # fmt: skip
-    """``draws`` distinct items of ``pool`` per row, uniform, none the row's target or a train item
-    of its user -> [R, draws]. Rejection sampling from 2 x draws (+ 64) draws per row; a row left
-    short (small pools) is redrawn by ranking random keys over the whole pool."""
-    width = 2 * draws + 64
-    picks = pool[generator.integers(0, len(pool), (len(users), width))]  # [R, W]
-    order = np.argsort(picks, axis=1, kind="stable")
-    ordered = np.take_along_axis(picks, order, 1)
-    repeat = np.zeros_like(ordered, dtype=bool)
-    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]  # later copies of a value
-    duplicate = np.empty_like(repeat)
-    np.put_along_axis(duplicate, order, repeat, 1)
-    keys = users[:, None] * num_items + picks
-    at = np.minimum(np.searchsorted(seen_keys, keys), len(seen_keys) - 1)
-    valid = ~duplicate & (seen_keys[at] != keys) & (picks != targets[:, None])
-    first = np.argsort(~valid, axis=1, kind="stable")[:, :draws]  # the first valid draws, in draw order
-    chosen = np.take_along_axis(picks, first, 1)
-    short = np.flatnonzero(valid.sum(1) < draws)
-    if len(short):  # rank random keys over the whole pool, excluded items last
-        keys = users[short, None] * num_items + pool[None, :]  # [S, P]
-        at = np.minimum(np.searchsorted(seen_keys, keys), len(seen_keys) - 1)
-        excluded = (seen_keys[at] == keys) | (pool[None, :] == targets[short, None])
-        ranked = np.argsort(generator.random(keys.shape) + excluded, axis=1)[:, :draws]
-        chosen[short] = pool[ranked]
-    return chosen
 
 
 def ranking_metrics(
@@ -323,14 +293,7 @@ class CandidateRanking:
         self.store, self.item, self.negatives, self.seed = store, item, negatives, seed
         self.valid_rows, self.batch_rows, self.ks = valid_rows, batch_rows, ks
         self.label = label or schema.labels[0]  # the ranker's prediction that orders the candidates
-        self.features = {name: torch.from_numpy(ids) for name, ids in store.item_features(item, list(item_features or [])).items()}
-        self.vectors = {f.name: torch.from_numpy(store.vectors_by_vocab(f.name)) for f in schema.embeddings if f.key == item}
-        train = store.split("train")
-        users, items = train.column(schema.user).astype(np.int64), train.column(item).astype(np.int64)
-        self.num_items = schema.vocab_size(schema.feature(item).vocab)
-        self.seen_keys = np.unique(users * self.num_items + items)
-        self.item_count = np.bincount(items, minlength=self.num_items)
-        self.pool = np.flatnonzero(self.item_count)  # items with a train row
+        self.swap = ItemSwap(store, item, item_features)
         self.candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def candidates_of(self, view: SplitView) -> tuple[np.ndarray, np.ndarray]:
@@ -342,35 +305,13 @@ class CandidateRanking:
                 rows = np.sort(generator.choice(rows, self.valid_rows, replace=False))
             users = view.column(self.store.schema.user).astype(np.int64)[rows]
             targets = view.column(self.item).astype(np.int64)[rows]
-            if len(self.pool) <= self.negatives:
-                raise DataError(f"{self.store.path}: {len(self.pool)} items with train rows are too few for {self.negatives} negatives")
-            chosen = [_negatives(generator, self.pool, users[chunk], targets[chunk], self.seen_keys, self.num_items, self.negatives)
+            swap = self.swap
+            if len(swap.pool) <= self.negatives:
+                raise DataError(f"{self.store.path}: {len(swap.pool)} items with train rows are too few for {self.negatives} negatives")
+            chosen = [unseen_items(generator, swap.pool, users[chunk], targets[chunk], swap.seen_keys, swap.num_items, self.negatives)
                       for chunk in np.array_split(np.arange(len(rows)), max(1, len(rows) // 2048))]  # fmt: skip
             self.candidates[view.name] = rows, np.concatenate([targets[:, None], np.concatenate(chosen)], 1)
         return self.candidates[view.name]
-
-    def expanded(self, batch: Batch, items: Tensor) -> Batch:
-        """``batch``'s rows, each repeated once per candidate ``items`` [B, C], the item and its
-        features replaced by the candidate's -> a batch of B x C rows."""
-        schema, c = self.store.schema, items.shape[1]
-        flat = items.flatten()
-        categorical = batch.categorical.repeat_interleave(c, 0)
-        categorical[:, schema.categorical_index(self.item)] = flat
-        sequences = {name: values.repeat_interleave(c, 0) for name, values in batch.sequences.items()}
-        for name, table in self.features.items():
-            if schema.feature(name).kind is Kind.CATEGORICAL:
-                categorical[:, schema.categorical_index(name)] = table[flat]
-            else:
-                sequences[name] = table[flat]
-        embeddings = {name: values.repeat_interleave(c, 0) for name, values in batch.embeddings.items()}
-        embeddings |= {name: table[flat] for name, table in self.vectors.items()}
-        names = [f.name for f in schema.categorical]
-        return dataclasses.replace(
-            batch, categorical=categorical, numeric=batch.numeric.repeat_interleave(c, 0), sequences=sequences,
-            embeddings=embeddings, labels={name: v.repeat_interleave(c, 0) for name, v in batch.labels.items()},
-            group=categorical[:, names.index(schema.user)], domain=None if batch.domain is None else batch.domain.repeat_interleave(c, 0),
-            row=batch.row.repeat_interleave(c, 0),
-        )  # fmt: skip
 
     def __call__(self, model: Model, view: SplitView) -> dict[str, float]:
         rows, items = self.candidates_of(view)
@@ -378,10 +319,10 @@ class CandidateRanking:
         scores = []
         for chunk in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // self.batch_rows))):
             candidates = torch.from_numpy(items[chunk])
-            batch = self.expanded(view.take(rows[chunk]), candidates).to(device)
+            batch = self.swap.expanded(view.take(rows[chunk]), candidates).to(device)
             scores.append(model.predict(model(batch))[self.label].float().cpu().view(len(chunk), -1))
         scores = torch.cat(scores)  # [N, C]
-        popular = torch.from_numpy(self.item_count.astype(np.float32))[torch.from_numpy(items)]
+        popular = torch.from_numpy(self.swap.item_count.astype(np.float32))[torch.from_numpy(items)]
         ranked = sampled_ranking_metrics(scores[:, 0], scores[:, 1:], ks=self.ks)
         reference = sampled_ranking_metrics(popular[:, 0], popular[:, 1:], ks=self.ks)
         keep = [f"hr@{k}" for k in self.ks] + [f"ndcg@{k}" for k in self.ks] + ["mrr"]

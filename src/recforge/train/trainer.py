@@ -47,6 +47,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
+from recforge.data.candidates import ItemSwap
+from recforge.data.schema import Kind
 from recforge.data.store import SplitView, Store
 from recforge.errors import ConfigError, DataError, RunError
 from recforge.evaluate.evaluators import Evaluator, evaluator_for
@@ -59,7 +61,8 @@ from recforge.train.optim import Optimizers
 QUIET_ENV = "RECFORGE_QUIET"  # set to a non-empty value other than "0" to silence the trainer
 
 # train settings that shape the run: the sequence of steps and the choice of the best weights
-_SHAPING = ("batch_size", "lr", "weight_decay", "sparse_lr", "clip_norm", "seed", "monitor", "mode")
+_SHAPING = ("batch_size", "lr", "weight_decay", "sparse_lr", "clip_norm", "seed", "monitor", "mode", "negatives", "negative_item",
+            "negative_features")  # fmt: skip
 
 
 @pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(extra="forbid"))
@@ -75,6 +78,10 @@ class TrainConfig:
       predicted label, or recall@10). ``mode``: max or min.
     - ``checkpoint_every_steps``: also checkpoint every this many steps (0: at epoch ends only).
     - ``num_threads``: torch intra-op threads (None: torch's default).
+    - ``negatives``: for data of positives only, each train row is followed by this many copies
+      whose ``negative_item`` (and its ``negative_features``, and its item-keyed vectors) is an
+      item its user never had in train, drawn uniformly among the train items, every label 0
+      (0: the rows as they are). A batch then trains ``batch_size x (1 + negatives)`` rows.
     - ``quiet``: no progress bar or epoch lines (also when ``RECFORGE_QUIET`` is set).
     """
 
@@ -93,6 +100,9 @@ class TrainConfig:
     num_threads: Annotated[int, Field(ge=1)] | None = None
     log_every: Annotated[int, Field(ge=1)] = 100
     device: Annotated[str, AfterValidator(distributed.check_device)] = "cpu"
+    negatives: Annotated[int, Field(ge=0)] = 0
+    negative_item: str = "item_id"
+    negative_features: list[str] = Field(default_factory=list)
     quiet: bool = False
 
 
@@ -142,6 +152,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.network = distributed.wrap(self.model, self.context, self.device)
         self.evaluator = evaluator or evaluator_for(model, store, config.eval_batch_size)
+        self.swap = _item_swap(store, config) if config.negatives else None
         self.optimizers = Optimizers(
             self.model,
             self.model.sparse_parameters(),
@@ -232,6 +243,8 @@ class Trainer:
         )
         for batch in batches:
             self._seed_step(state.global_step)
+            if self.swap is not None:
+                batch = self.swap.with_negatives(np.random.default_rng([config.seed, context.rank, state.global_step]), batch, config.negatives)
             batch = batch.to(self.device)
             outputs = self.network(batch)
             loss, parts = self.model.loss(outputs, batch)
@@ -400,3 +413,19 @@ class _LossWindow:
         }
         self._reset()
         return record
+
+
+def _item_swap(store: Store, config: TrainConfig) -> ItemSwap:
+    """The sampler of ``config.negatives``, its features checked against the schema."""
+    schema = store.schema
+    names = {f.name: f for f in schema.features}
+    item = names.get(config.negative_item)
+    if item is None or item.kind is not Kind.CATEGORICAL:
+        raise ConfigError(f"train.negative_item: {config.negative_item!r} is not a categorical feature of the data; negatives replace the item of a row")
+    if schema.user is None:
+        raise ConfigError("train.negatives: the data has no user column (negatives are items the user never had)")
+    for name in config.negative_features:
+        f = names.get(name)
+        if f is None or not (f.kind is Kind.CATEGORICAL or (f.kind is Kind.SEQUENCE and f.timeline is None)) or name == item.name:
+            raise ConfigError(f"train.negative_features: {name!r} is not a categorical or list feature of the data")
+    return ItemSwap(store, item.name, config.negative_features)

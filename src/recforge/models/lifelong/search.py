@@ -77,12 +77,18 @@ class SearchRanker(SingleTaskModel):
             )
         self.target_index = schema.categorical_index(config.target)
         self.history_names = {f.name for f in schema.histories}
-        self.other_sequences = [i for i, f in enumerate(schema.sequences) if f.name not in self.history_names]
+        own = self.own_sequences(config)
+        self.other_sequences = [i for i, f in enumerate(schema.sequences) if f.name not in self.history_names | own]
         d = config.embedding_dim
         self.embedding = FeatureEmbedding(schema, d)
         self.esu = MultiHeadSearch(d, config.heads, config.top_k)  # its attend() is the ESU
         in_dim = (len(schema.categorical) + len(self.other_sequences) + 1) * d + len(schema.numeric)
         self.mlp = MLP(in_dim, config.hidden, config.dropout, "relu", out_dim=1)
+
+    @staticmethod
+    def own_sequences(config: SearchConfig) -> set[str]:
+        """Sequences the model reads itself, not pooled into the MLP's input (beside the histories)."""
+        return set()
 
     @abstractmethod
     def interest(self, batch: Batch, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
@@ -237,7 +243,10 @@ class QIN(SearchRanker, Searcher):
             name = getattr(config, key)
             if name is not None and name not in {f.name for f in schema.sequences}:
                 raise ModelConfigError(f"model.params.{key}: qin needs {name!r} a sequence of query tokens")
-        self.other_sequences = [i for i, f in enumerate(schema.sequences) if f.name not in self.history_names | {config.query}]
+
+    @staticmethod
+    def own_sequences(config: QINConfig) -> set[str]:
+        return {config.query} - {None}
 
     def _query(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
         tokens = batch.sequences[name]  # [B, W] or [B, L, W]
