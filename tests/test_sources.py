@@ -153,6 +153,29 @@ def test_amazon_bad_files(tmp_path: Path, text: str, error: str) -> None:
         amazon_sequential.load("Beauty", root=tmp_path)
 
 
+def test_amazon_attributes_follow_the_item(tmp_path: Path) -> None:
+    (tmp_path / "Beauty.txt").write_text(BEAUTY)
+    (tmp_path / "Beauty_item2attributes.json").write_text('{"5": [3, 9], "2": [4]}')
+    ds = amazon_sequential.load("Beauty", history_len=5, attributes=True, root=tmp_path)
+    user3 = ds.frame.filter(pl.col("user_id") == 3)
+    assert user3["attributes"].to_list() == [[3, 9], [], [], [], [4]]  # items 5, 6, 7, 8, 2
+    assert ds.schema.feature("attributes").kind is Kind.SEQUENCE
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('{"5": [3, "x"]}', r"Beauty_item2attributes.json: item '5': expected an integer item id and a list of integer attribute ids, got \[3, 'x'\]"),
+        ("{5: }", r"Beauty_item2attributes.json: not valid JSON"),
+    ],
+)
+def test_amazon_bad_attribute_files(tmp_path: Path, text: str, error: str) -> None:
+    (tmp_path / "Beauty.txt").write_text(BEAUTY)
+    (tmp_path / "Beauty_item2attributes.json").write_text(text)
+    with pytest.raises(ValueError, match=error):
+        amazon_sequential.load("Beauty", attributes=True, root=tmp_path)
+
+
 def test_amazon_unknown_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Beauty"):
         amazon_sequential.load("Yelp", root=tmp_path)

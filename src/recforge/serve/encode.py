@@ -5,7 +5,9 @@ else (no labels, no time): one id per categorical feature, one number per numeri
 list of ids per sequence, a list of ``dim`` numbers per pretrained embedding (except an embedding
 from text or a vector file: the model's table gives its key's vector, zero for a key it has not
 seen, which is counted as OOV). A history is the
-list of the user's raw item ids (of the history's timeline feature), oldest first, newest last.
+list of the user's raw item ids (of the history's timeline feature), oldest first, newest last;
+a history over a list feature (the events' query tokens) is one list of ids per event, as many
+events as the item history over the same events holds.
 
 The rules are those of training (:func:`recforge.data.sources.load_file` and
 :mod:`recforge.data.prepare`):
@@ -93,15 +95,17 @@ class Rows:
     a padded feature's codes (int32 [n]). Rows encoded together leave out the same features."""
 
     n: int
-    columns: dict[str, list[str] | tuple[list[str], np.ndarray] | np.ndarray]
+    columns: dict[str, list[str] | tuple[list[str], np.ndarray] | tuple[list[str], np.ndarray, np.ndarray] | np.ndarray]
 
 
-def _concat(parts: list) -> list[str] | tuple[list[str], np.ndarray] | np.ndarray:
-    """The columns of several :class:`Rows` of one feature as one column."""
+def _concat(parts: list) -> list[str] | tuple | np.ndarray:
+    """The columns of several :class:`Rows` of one feature as one column (a list history's:
+    ids, events per row, ids per event)."""
     if len(parts) == 1:
         return parts[0]
     if isinstance(parts[0], tuple):
-        return list(chain.from_iterable(ids for ids, _ in parts)), np.concatenate([lengths for _, lengths in parts])
+        ids = list(chain.from_iterable(part[0] for part in parts))
+        return ids, *(np.concatenate([part[k] for part in parts]) for k in range(1, len(parts[0])))
     if isinstance(parts[0], list):
         return list(chain.from_iterable(parts))
     return np.concatenate(parts)
@@ -112,9 +116,12 @@ class RowEncoder:
 
     def __init__(self, fitted: Fitted) -> None:
         self.schema = fitted.schema
-        listed = [f.name for f in self.schema.histories if self.schema.feature(f.timeline).kind is Kind.SEQUENCE]
-        if listed:
-            raise ValueError(f"histories {listed} read a list timeline (ids per event); rows cannot give them to the scorer yet")
+        self.listed = {f.name for f in self.schema.histories if self.schema.feature(f.timeline).kind is Kind.SEQUENCE}
+        # a list history's events are those of an item history over the same view: equal counts
+        self.siblings = {
+            name: next((h.name for h in self.schema.histories if h.name not in self.listed and h.view == self.schema.feature(name).view), None)
+            for name in self.listed
+        }  # fmt: skip
         self.vocabularies = fitted.vocabularies
         self.lookup = VocabularyLookup(fitted.vocabularies)
         self.mean = np.array([fitted.normalisers[f.name]["mean"] for f in self.schema.numeric], dtype=np.float64)
@@ -132,7 +139,7 @@ class RowEncoder:
     @property
     def fields(self) -> dict[str, str]:
         """Every field a row holds -> what it holds, in words."""
-        return {name: _describe(f, self._id_dtype(f)) for name, f in self.features.items()}
+        return {name: _describe(f, self._id_dtype(f), name in self.listed) for name, f in self.features.items()}
 
     def encode(self, rows: list) -> tuple[Batch, dict[str, int]]:
         """The batch of ``rows`` and, per categorical and sequence feature, how many of the ids the
@@ -160,6 +167,8 @@ class RowEncoder:
             try:
                 if f.kind is Kind.CATEGORICAL:
                     columns[name] = self._ids(column, f, lambda i, name=name: (i, name))
+                elif name in self.listed:
+                    columns[name] = self._event_lists(column, f)
                 elif f.kind is Kind.SEQUENCE:
                     columns[name] = self._id_lists(column, f)
                 elif f.kind is Kind.NUMERIC:
@@ -168,6 +177,13 @@ class RowEncoder:
                     columns[name] = _vectors(column, f)
             except RowError as err:
                 problems += err.problems
+        for name, sibling in self.siblings.items():
+            if sibling is None or name not in columns or sibling not in columns:
+                continue
+            differ = np.flatnonzero(columns[name][1] != columns[sibling][1])
+            if len(differ):
+                i = int(differ[0])
+                problems.append(((i, name), f"{columns[name][1][i]} events, but {sibling} holds {columns[sibling][1][i]}: one list of ids per event of {sibling}"))
         if problems:
             raise RowError(problems)
         return Rows(len(rows), columns)
@@ -185,12 +201,15 @@ class RowEncoder:
         absent = {f.name: categorical[:, j] == OOV for j, f in enumerate(schema.categorical)}
         sequences = {}
         for f in schema.sequences:
-            offsets = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum(column[f.name][1], out=offsets[1:])
-            padded = np.concatenate(([PAD], next(codes)))  # a leading pad: the array is never empty
-            window = last_window(padded, offsets[:-1] + 1, offsets[1:] + 1, f.max_len).astype(np.int64)
+            values = np.concatenate(([PAD], next(codes)))  # a leading pad: the array is never empty
+            if f.name in self.listed:  # each event's last W ids, then the row's last L events: [n, L, W]
+                tokens = _offsets(column[f.name][2])
+                events = last_window(values, tokens[:-1] + 1, tokens[1:] + 1, schema.feature(f.timeline).max_len)
+                values = np.concatenate([np.zeros_like(events[:1]), events])  # a leading empty event
+            offsets = _offsets(column[f.name][1])
+            window = last_window(values, offsets[:-1] + 1, offsets[1:] + 1, f.max_len).astype(np.int64)
             sequences[f.name] = torch.from_numpy(window)
-            absent[f.name] = (window == OOV).sum(axis=1)
+            absent[f.name] = (window == OOV).reshape(n, -1).sum(axis=1)
         embeddings = {f.name: torch.from_numpy(column[f.name]) for f in schema.embeddings if f.name in column}
         for name, (lookup, vectors) in self.content.items():  # a key without content: the zero vector
             f = schema.feature(name)
@@ -287,6 +306,36 @@ class RowEncoder:
 
         return self._ids(list(chain.from_iterable(column)), f, where), np.diff(offsets)
 
+    def _event_lists(self, column: list, f: Feature) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """A list of id lists per row (one per event) -> (the text of every id, in order; the
+        events of each row [B]; the ids of each event [E])."""
+        if not set(map(type, column)) <= {list}:
+            i = next(i for i, v in enumerate(column) if type(v) is not list)
+            raise RowError([((i, f.name), f"expected a list of id lists (one per event), got {json_type(column[i])}")])
+        for i, events in enumerate(column):
+            if not set(map(type, events)) <= {list}:
+                k = next(k for k, v in enumerate(events) if type(v) is not list)
+                raise RowError([((i, f.name, k), f"expected a list of ids (the event's), got {json_type(events[k])}")])
+        per_row = np.fromiter(map(len, column), dtype=np.int64, count=len(column))
+        events = list(chain.from_iterable(column))
+        per_event = np.fromiter(map(len, events), dtype=np.int64, count=len(events))
+        rows, starts = np.repeat(np.arange(len(column)), per_row), _offsets(per_row)[:-1]
+        ids = _offsets(per_event)
+
+        def where(k: int) -> Location:
+            event = int(np.searchsorted(ids, k, side="right")) - 1
+            row = int(rows[event])
+            return (row, f.name, event - int(starts[row]), k - int(ids[event]))
+
+        return self._ids(list(chain.from_iterable(events)), f, where), per_row, per_event
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """Lengths [n] -> their running offsets [n + 1], starting at 0."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
 
 def _integer_texts(column: list, kinds: set, where: Callable[[int], Location]) -> list[str]:
     """Ids of the dtype ``"integer"``: 64-bit integers, strings parsed as training parses them."""
@@ -303,7 +352,7 @@ def _integer_texts(column: list, kinds: set, where: Callable[[int], Location]) -
     return list(map(str, column))
 
 
-def _describe(f: Feature, dtype: str) -> str:
+def _describe(f: Feature, dtype: str, listed: bool) -> str:
     ids = "string or integer ids" if dtype == "string" else "integer ids"
     if f.kind is Kind.CATEGORICAL:
         return f"one id ({ids})"
@@ -312,6 +361,8 @@ def _describe(f: Feature, dtype: str) -> str:
     if f.kind is Kind.EMBEDDING:
         return f"a list of {f.dim} finite numbers"
     held = f"the user's earlier {f.timeline} ids, newest last" if f.timeline else f"a list of {ids}"
+    if listed:
+        held = f"the user's earlier {f.timeline} lists, one list of ids per event, newest last"
     return f"{held} (the last {f.max_len} are used)"
 
 

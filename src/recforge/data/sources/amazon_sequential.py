@@ -2,11 +2,15 @@
 
 Each ``<name>.txt`` holds one user per line, ``user item_1 item_2 ...`` in chronological order,
 without timestamps. The loader makes one row per interaction; its ``position`` in the user's
-sequence (0..n-1) is the time column, and every row is a positive (``click`` = 1).
+sequence (0..n-1) is the time column, and every row is a positive (``click`` = 1). With
+``attributes``, ``<name>_item2attributes.json`` (``{"item": [attribute ids]}``: category and brand
+ids on Amazon, tags on LastFM) gives each row its item's ``attributes`` (a list feature, the last
+``ATTRIBUTES_MAX_LEN`` of them; an item absent from the file has none).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -25,6 +29,7 @@ _SHA256 = {
     "LastFM": "9ded486adb5b0fe9dc761950afa0a9a05e93ff018992e0c52bf11afec529f802",
 }
 NAMES = tuple(_SHA256)
+ATTRIBUTES_MAX_LEN = 8  # Beauty: at most 6 per item
 
 
 def remote(name: str) -> Remote:
@@ -36,13 +41,14 @@ def remote(name: str) -> Remote:
     )
 
 
-def load(name: str = "Beauty", history_len: int = 50, root: str | Path | None = None) -> RawDataset:
+def load(name: str = "Beauty", history_len: int = 50, attributes: bool = False, root: str | Path | None = None) -> RawDataset:
     """Interactions of sequence file ``name`` (one of :data:`NAMES`).
 
     ``root`` is the folder holding ``<name>.txt`` (``$RECFORGE_DATA/amazon-sequential-s3rec`` by
     default, else a verified download). ``history_len`` > 0 declares ``hist_item_id``.
 
-    Columns: user_id, item_id, position (int64); click (int8, always 1).
+    Columns: user_id, item_id, position (int64); click (int8, always 1); with ``attributes``:
+    attributes (list[int64]).
     """
     if name not in _SHA256:
         raise DataError(f"unknown sequence file {name!r}; known: {', '.join(NAMES)}")
@@ -50,7 +56,31 @@ def load(name: str = "Beauty", history_len: int = 50, root: str | Path | None = 
         raise DataError(f"history_len must be >= 0, got {history_len}")
     base = dataset_dir(FOLDER, [remote(name)], root=root)
     path = base / f"{name}.txt"
-    return RawDataset(frame=read_sequences(path), schema=schema(history_len), origin=str(path))
+    frame = read_sequences(path)
+    if attributes:
+        table = read_attributes(base / f"{name}_item2attributes.json")
+        frame = frame.join(table, on="item_id", how="left", validate="m:1", maintain_order="left")
+        frame = frame.with_columns(pl.col("attributes").fill_null(pl.lit([], dtype=pl.List(pl.Int64))))
+    return RawDataset(frame=frame, schema=schema(history_len, attributes), origin=str(path))
+
+
+def read_attributes(path: Path) -> pl.DataFrame:
+    """``{"item": [attribute ids]}`` -> item_id (int64), attributes (list[int64])."""
+    if not path.is_file():
+        raise DataError(f"attribute file not found: {path}")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(table, dict):
+        raise DataError(f"{path}: expected an object of item id -> list of attribute ids")
+    for item, values in table.items():
+        if not item.isdigit() or not isinstance(values, list) or not all(type(v) is int for v in values):
+            raise DataError(f"{path}: item {item!r}: expected an integer item id and a list of integer attribute ids, got {values!r}")
+    return pl.DataFrame(
+        {"item_id": [int(item) for item in table], "attributes": list(table.values())},
+        schema={"item_id": pl.Int64, "attributes": pl.List(pl.Int64)},
+    )
 
 
 def read_sequences(path: Path) -> pl.DataFrame:
@@ -82,9 +112,11 @@ def read_sequences(path: Path) -> pl.DataFrame:
     )  # [N] one row per interaction
 
 
-def schema(history_len: int = 50) -> Schema:
+def schema(history_len: int = 50, attributes: bool = False) -> Schema:
     """Schema of :func:`load`'s frame."""
     features = [Feature(name=c, kind=Kind.CATEGORICAL) for c in ("user_id", "item_id")]
+    if attributes:
+        features.append(Feature(name="attributes", kind=Kind.SEQUENCE, max_len=ATTRIBUTES_MAX_LEN))
     if history_len:
         features.append(history_feature(history_len))
     return Schema(features=features, labels=["click"], user="user_id", time="position")
